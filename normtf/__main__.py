@@ -1,0 +1,3 @@
+from normtf.cli import main
+
+main()

@@ -1,0 +1,239 @@
+"""`normtf bench`: normtf's training speed against the reference PyTorch loop, on this machine.
+
+Every measurement runs in its own process (`python -m normtf.bench --worker SPEC`), so that its
+peak memory is its own and TensorFlow and PyTorch never share a process. Each process times
+`repeats` consecutive windows of `steps` training steps after `warmup` steps; the report gives
+the median window. How far an epoch is from what the hardware allows is measured against a
+FLOP floor: the model's training FLOPs at the machine's best float32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from rich.table import Table
+
+from normtf.config import NormtfError, TrainConfig, UsageError
+from normtf.runs import write_json
+
+EPOCH_IMAGES = 60_000  # one epoch of MNIST's training set
+# (warm-up steps, timed steps per repeat). Most of a worker's time is fixed (imports, tracing), so
+# quick keeps the repeats but times 20 steps and one evaluation: ~100 s for four variants on 2 idle cores.
+SETTINGS = {False: (20, 150), True: (10, 20)}
+
+
+def run_benchmark(norms: list[str], repeats: int = 3, quick: bool = False, steps: int | None = None,
+                  reference: bool = True, out: Path | None = Path("results/bench.json"), progress=None) -> dict:
+    """Measure each variant in normtf and (reference=True) in the PyTorch reference; write `out`."""
+    from normtf.models import get_norm
+
+    say = progress or (lambda message: None)
+    warmup, default_steps = SETTINGS[quick]
+    steps = default_steps if steps is None else steps
+    if repeats < 1 or steps < 1:
+        raise UsageError(f"repeats and steps must be at least 1 (got {repeats}, {steps})")
+    for norm in norms:
+        get_norm(norm)
+    if reference and importlib.util.find_spec("torch") is None:
+        import normtf.torch_reference  # noqa: F401  raises NormtfError with the install hint
+    window = {"steps": steps, "warmup": warmup, "repeats": repeats}
+    settings = {**window, "evals": 1 if quick else repeats, "quick": quick, "reference": reference,
+                "batch_size": TrainConfig().batch_size}
+    load = os.getloadavg()[0]
+    if load >= 1:
+        say(f"warning: the machine is busy (load average {load:.1f}); every number will be low, "
+            "PyTorch's most (its threads spin-wait for cores another process holds)")
+
+    say("measuring the float32 matmul peak")
+    gflops = _spawn("peak")["gflops"]
+    variants = {}
+    for norm in norms:
+        say(f"{norm}: normtf, {warmup} + {repeats} x {steps} steps, then evaluation")
+        ours = _spawn("normtf", norm=norm, evals=settings["evals"], **window)
+        theirs = None
+        if reference:
+            say(f"{norm}: PyTorch reference")
+            theirs = _spawn("torch", norm=norm, **window)
+        variants[norm] = _summarize(ours, theirs, gflops)
+
+    result = {
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "tensorflow": _version("tensorflow"),
+                    "keras": _version("keras"), "torch": _version("torch"),
+                    "load_average": load, "matmul_gflops": gflops},
+        "settings": settings,
+        "variants": variants,
+    }
+    if out is not None:
+        write_json(Path(out), result)
+    return result
+
+
+def _summarize(ours: dict, theirs: dict | None, gflops: float) -> dict:
+    speed = statistics.median(ours["images_per_second"])
+    epoch = EPOCH_IMAGES / speed
+    floor = EPOCH_IMAGES * ours["flops_per_image"] / (gflops * 1e9)
+    reference = None
+    if theirs is not None:
+        reference = {"images_per_second": statistics.median(theirs["images_per_second"]),
+                     "images_per_second_all": theirs["images_per_second"],
+                     "peak_rss_mib": theirs["peak_rss_mib"]}
+    return {
+        "normtf": {"images_per_second": speed, "images_per_second_all": ours["images_per_second"],
+                   "peak_rss_mib": ours["peak_rss_mib"], "eval_seconds": statistics.median(ours["eval_seconds"]),
+                   "eval_seconds_all": ours["eval_seconds"], "flops_per_image": ours["flops_per_image"]},
+        "reference": reference,
+        "ratio": speed / reference["images_per_second"] if reference else None,
+        "epoch_seconds": epoch,
+        "floor_epoch_seconds": floor,
+        "epoch_vs_floor": epoch / floor,
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def format_table(result: dict) -> Table:
+    settings, machine = result["settings"], result["machine"]
+    table = Table(title="Training throughput (median of repeats)", caption=(
+        f"{settings['repeats']} x {settings['steps']} steps after {settings['warmup']} warm-up, batch "
+        f"{settings['batch_size']}; {machine['cpu_count']} CPUs, float32 matmul peak "
+        f"{machine['matmul_gflops']:.0f} GFLOP/s; ratio > 1: normtf is faster"))
+    for column in ["variant", "normtf img/s", "reference img/s", "ratio", "peak RSS (MiB)", "eval 10k (s)",
+                   "epoch vs FLOP floor"]:
+        table.add_column(column, justify="left" if column.startswith(("variant", "epoch")) else "right")
+    for norm, v in result["variants"].items():
+        table.add_row(
+            norm,
+            f"{v['normtf']['images_per_second']:,.0f}",
+            f"{v['reference']['images_per_second']:,.0f}" if v["reference"] else "-",
+            f"{v['ratio']:.2f}" if v["ratio"] else "-",
+            f"{v['normtf']['peak_rss_mib']:,.0f}",
+            f"{v['normtf']['eval_seconds']:.2f}",
+            f"{v['epoch_seconds']:.1f} s = {v['epoch_vs_floor']:.1f}x floor ({v['floor_epoch_seconds']:.2f} s)",
+        )
+    return table
+
+
+# --- the workers, each in its own process ----------------------------------------------------------
+
+def _spawn(kind: str, **spec) -> dict:
+    command = [sys.executable, "-m", "normtf.bench", "--worker", json.dumps({"kind": kind, **spec})]
+    package_root = str(Path(__file__).resolve().parent.parent)  # found even when normtf is not installed
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        result = None
+    if result and "error" in result:
+        raise NormtfError(result["error"])
+    if proc.returncode or result is None:
+        raise NormtfError(f"the {kind} benchmark process failed (exit {proc.returncode}):\n"
+                          f"{proc.stderr.strip()[-2000:]}")
+    return result
+
+
+def flops_per_image(model) -> int:
+    """Training FLOPs of one image: multiply-accumulates of every conv/dense kernel at its output
+    size, x2 for FLOPs, x3 for forward plus the two backward products (input and kernel gradients).
+    Norms, activations and pooling are left out: they are memory-bound, not FLOP-bound."""
+    macs = sum(math.prod(layer.output.shape[1:-1]) * math.prod(layer.kernel.shape)
+               for layer in model.layers if hasattr(layer, "kernel"))
+    return 6 * macs
+
+
+def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int) -> dict:
+    """normtf's training step as `normtf train` runs it, then `evals` timed 10k-image evaluations.
+
+    The timing callback, like `normtf train`'s own per-step callback, makes fit wait for every
+    step, so the timed loop is the one training runs."""
+    import keras
+
+    from normtf import data as mnist
+    from normtf.models import build_model
+    from normtf.training import EVAL_BATCH, compile_model, resolve_device, set_seed
+
+    config = TrainConfig(norm=norm)
+    device = resolve_device(config)
+    keras.mixed_precision.set_global_policy(device.precision)
+    set_seed(config.seed)
+    model = compile_model(build_model(norm, config), config, device.jit)
+    data = mnist.load_mnist()
+    n, batch = len(data.y_train), config.batch_size
+    per_epoch, total = mnist.steps_per_epoch(n, batch), warmup + repeats * steps
+    train = mnist.train_dataset(data.x_train, data.y_train, batch, config.seed, config.rotation, 0,
+                                -(-total // per_epoch))
+    times = []
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda step, logs: times.append(time.perf_counter()))
+    model.fit(train, epochs=1, steps_per_epoch=total, callbacks=[clock], verbose=0)
+    sizes = [min(batch, n - (step % per_epoch) * batch) for step in range(total)]  # last batch is short
+    starts = [warmup - 1 + k * steps for k in range(repeats)]  # the step whose end starts each window
+    rates = [sum(sizes[s + 1:s + 1 + steps]) / (times[s + steps] - times[s]) for s in starts]
+
+    test = mnist.test_dataset(data.x_test, data.y_test, EVAL_BATCH)
+    model.evaluate(test, verbose=0)  # warm-up: traces the test step and fills the dataset cache
+    eval_seconds = []
+    for _ in range(evals):
+        start = time.perf_counter()
+        model.evaluate(test, verbose=0)
+        eval_seconds.append(time.perf_counter() - start)
+    return {"images_per_second": rates, "eval_seconds": eval_seconds, "flops_per_image": flops_per_image(model)}
+
+
+def measure_reference(norm: str, steps: int, warmup: int, repeats: int) -> dict:
+    from normtf import torch_reference
+
+    return {"images_per_second": torch_reference.measure(norm, steps, warmup, repeats)}
+
+
+def matmul_gflops(seconds: float = 2.0, size: int = 2048) -> dict:
+    """The machine's achievable float32 rate: the best of repeated large matmuls, the op the
+    CPU kernels are tuned hardest for, so no model step can beat it."""
+    import tensorflow as tf
+
+    a, b = tf.random.normal([size, size]), tf.random.normal([size, size])
+    tf.linalg.matmul(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        float(tf.linalg.matmul(a, b)[0, 0])  # reading a value waits for the product
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return {"gflops": best}
+
+
+WORKERS = {"normtf": measure_normtf, "torch": measure_reference, "peak": matmul_gflops}
+
+
+def _worker(spec: str) -> int:
+    """Run one measurement and print its result as the last line of stdout, JSON."""
+    spec = json.loads(spec)
+    try:
+        result = WORKERS[spec.pop("kind")](**spec)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except NormtfError as e:
+        result = {"error": str(e)}
+    print(json.dumps(result))
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m normtf.bench --worker SPEC (run by `normtf bench`, not by hand)")
+    sys.exit(_worker(sys.argv[2]))

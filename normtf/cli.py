@@ -1,0 +1,211 @@
+"""The `normtf` command: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, not ours
+
+import typer  # noqa: E402
+
+from normtf.config import NormtfError, TrainConfig, UsageError  # noqa: E402
+from normtf.norms import NORMS  # noqa: E402
+
+app = typer.Typer(help="normtf: batch, layer and group normalization on an MNIST CNN, measured and drawn.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+NormName = enum.Enum("NormName", {name: name for name in NORMS}, type=str)
+DEFAULTS = TrainConfig()
+
+
+def friendly(command):
+    """A user's mistake or an interruption ends in one clear line and an exit code, not a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from normtf.console import err_console
+
+        try:
+            return command(*args, **kwargs)
+        except NormtfError as e:
+            interrupted = type(e).__name__ == "Interrupted"
+            err_console.print(f"[{'yellow' if interrupted else 'red'}]{'' if interrupted else 'error: '}[/]{e}",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(130 if interrupted else 2 if isinstance(e, UsageError) else 1) from None
+    return wrapper
+
+
+Norms = Annotated[Optional[list[NormName]], typer.Option("--norm", help="Variant to use; repeat for several.")]
+RunsDir = Annotated[Path, typer.Option(help="Where runs are stored: <runs-dir>/<norm>/.")]
+ImgDir = Annotated[Path, typer.Option(help="Where figures are written.")]
+DataDir = Annotated[Optional[Path], typer.Option(
+    help="A directory with the four MNIST IDX files (raw or .gz). Default: the cache, else download.")]
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
+Lr = Annotated[float, typer.Option(help="SGD learning rate.")]
+Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
+Dropout = Annotated[float, typer.Option(help="Dropout rate after every norm layer, in [0, 1).")]
+L1 = Annotated[float, typer.Option("--l1", help="L1 penalty on conv kernels (batch-l1 only).")]
+Groups = Annotated[int, typer.Option(help="Groups for group norm; must divide 12, 14 and 28.")]
+Rotation = Annotated[float, typer.Option(help="Random rotation of training images, +- degrees.")]
+Seed = Annotated[int, typer.Option(help="One seed for Python, NumPy and TensorFlow.")]
+TrainSize = Annotated[Optional[int], typer.Option(help="Train on a seeded class-stratified subset of N images.")]
+TestSize = Annotated[Optional[int], typer.Option(help="Test on a seeded class-stratified subset of N images.")]
+Precision = Annotated[str, typer.Option(
+    help="auto (mixed_float16 on a GPU, float32 on CPU), float32, mixed_float16 or mixed_bfloat16.")]
+Jit = Annotated[str, typer.Option(help="XLA compilation: auto (on for GPU, off for CPU), on or off.")]
+Deterministic = Annotated[bool, typer.Option(
+    "--deterministic", help="TensorFlow op determinism: bit-identical reruns and resumes, somewhat slower.")]
+Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished run with these settings exists.")]
+Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
+
+
+def _config(**values) -> TrainConfig:
+    return TrainConfig(**values).validate()
+
+
+@app.command()
+@friendly
+def data(data_dir: DataDir = None):
+    """Make MNIST available (verified by SHA-256) and print where it is."""
+    from normtf.console import console, warn
+    from normtf.data import load_mnist
+
+    mnist = load_mnist(data_dir, warn=warn)
+    console.print(f"MNIST is in {mnist.source}: {len(mnist.y_train):,} training and "
+                  f"{len(mnist.y_test):,} test images")
+
+
+@app.command()
+@friendly
+def train(norm: Annotated[NormName, typer.Option(help="Normalization variant.")] = NormName("batch-l1"),
+          epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size, lr: Lr = DEFAULTS.lr,
+          momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
+          groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
+          train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
+          jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False, runs_dir: RunsDir = Path("runs"),
+          data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False):
+    """Train one variant into <runs-dir>/<norm>/; run it again to resume an interrupted run."""
+    from normtf.console import EpochProgress, console, results_table, warn
+    from normtf.training import train as train_run
+
+    config = _config(norm=norm.value, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                     dropout=dropout, l1=l1, groups=groups, rotation=rotation, seed=seed, train_size=train_size,
+                     test_size=test_size, precision=precision, jit=jit, deterministic=deterministic)
+    result = train_run(config, runs_dir, data_dir=data_dir, callbacks=[EpochProgress(config.norm)],
+                       tensorboard=tensorboard, force=force, warn=warn)
+    if result.reused:
+        console.print(f"{result.run.path} already holds this finished run (use --force to retrain).")
+    console.print(results_table([result], title=f"{config.norm}: {result.metrics['trainable_params']:,} "
+                                                f"trainable parameters, files in {result.run.path}"))
+
+
+@app.command()
+@friendly
+def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
+            epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size, lr: Lr = DEFAULTS.lr,
+            momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
+            groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
+            train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
+            jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False, runs_dir: RunsDir = Path("runs"),
+            img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
+    """Train several variants in turn (finished runs are reused), then draw their curves and mistakes."""
+    from normtf import study
+    from normtf.console import EpochProgress, console, results_table, warn
+
+    norms = list(NORMS) if all_ else [n.value for n in norm or []]
+    if not norms:
+        raise UsageError("name the variants with --norm (repeatable) or use --all")
+    config = _config(norm=norms[0], epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                     dropout=dropout, l1=l1, groups=groups, rotation=rotation, seed=seed, train_size=train_size,
+                     test_size=test_size, precision=precision, jit=jit, deterministic=deterministic)
+    results = study.compare(norms, config, runs_dir, callbacks_for=lambda n: [EpochProgress(n)], force=force,
+                            data_dir=data_dir, warn=warn)
+    console.print(results_table(results, title="normtf compare"))
+    written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
+               *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]
+    console.print("figures: " + ", ".join(str(p) for p in written if p))
+
+
+@app.command()
+@friendly
+def gallery(norm: Norms = None, count: Annotated[int, typer.Option(help="Misclassified images per variant.")] = 10,
+            runs_dir: RunsDir = Path("runs"), img_dir: ImgDir = Path("img"), data_dir: DataDir = None):
+    """Draw the first misclassified test images of each trained run as a grid."""
+    from normtf import study
+    from normtf.console import console, warn
+
+    if count < 1:
+        raise UsageError(f"--count must be at least 1 (got {count})")
+    results = study.stored_results([n.value for n in norm] if norm else list(NORMS), runs_dir)
+    for path in study.gallery(results, img_dir, count, data_dir=data_dir, warn=warn):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def evaluate(path: Annotated[Path, typer.Argument(help="A model.keras file, or a run directory holding one.")],
+             test_size: TestSize = None, data_dir: DataDir = None):
+    """Load a saved model (safely: no code in the file is run) and measure it on the MNIST test set."""
+    from rich.table import Table
+
+    from normtf.console import console, warn
+    from normtf.data import load_mnist
+    from normtf.evaluation import evaluate_file
+
+    result = evaluate_file(path, load_mnist(data_dir, warn=warn), test_size)
+    console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
+                  f"({result.correct:,} of {result.total:,} correct)")
+    table = Table(title="confusion matrix (rows: true digit, columns: predicted)")
+    table.add_column("true", justify="right")
+    for digit in range(10):
+        table.add_column(str(digit), justify="right")
+    for digit, row in enumerate(result.confusion_matrix()):
+        table.add_row(str(digit), *[f"[bold]{v}[/]" if i == digit else (str(v) if v else "·")
+                                    for i, v in enumerate(row)])
+    console.print(table)
+
+
+@app.command()
+@friendly
+def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(help="Images in the probe batch.")] = 32,
+            groups: Groups = DEFAULTS.groups, data_dir: DataDir = None):
+    """Run each variant's norm layers on a real batch and show what they compute."""
+    from rich.table import Table
+
+    from normtf import data as mnist
+    from normtf.console import console, warn
+    from normtf.explain import explain as explain_norm
+
+    if batch_size < 2:
+        raise UsageError(f"--batch-size must be at least 2 to show batch statistics (got {batch_size})")
+    dataset = mnist.load_mnist(data_dir, warn=warn)
+    images = next(iter(mnist.test_dataset(dataset.x_test[:batch_size], dataset.y_test[:batch_size], batch_size)))[0]
+    for name in [n.value for n in norm] if norm else list(NORMS):
+        table = Table(title=f"{name}: a batch of {batch_size} test images through a freshly built model")
+        for column in ["layer", "input (N,H,W,C)", "normalizes over", "means = variances", "trainable",
+                       "non-trainable", "differs at test time"]:
+            table.add_column(column)
+        for r in explain_norm(name, images.numpy(), TrainConfig(norm=name, groups=groups)):
+            table.add_row(r.layer, "×".join(map(str, r.input_shape)), r.reduces_over, str(r.statistics),
+                          f"{r.trainable:,}", f"{r.non_trainable:,}",
+                          f"yes (moving statistics; up to {r.test_time_max_change:.2f} apart)"
+                          if r.test_time_differs else "no")
+        console.print(table)
+
+
+@app.command()
+@friendly
+def diagrams(img_dir: ImgDir = Path("img"), groups: Groups = DEFAULTS.groups):
+    """Draw the N x C x (H,W) cube of each normalization with its shared-statistics set shaded."""
+    from normtf.console import console
+    from normtf.diagrams import draw_diagrams
+
+    for path in draw_diagrams(img_dir, groups):
+        console.print(f"wrote {path}")
+
+
+def main():
+    app()

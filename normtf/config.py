@@ -1,0 +1,77 @@
+"""The one place that holds a training run's settings, with the reference study's values."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+class NormtfError(Exception):
+    """A problem the user can fix; the CLI prints its message as one line, never a traceback."""
+
+
+class UsageError(NormtfError):
+    """A bad setting or argument (exit code 2, like a command-line usage error)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a run's numbers. Defaults are the reference recipe (REFERENCE.md)."""
+
+    norm: str = "batch-l1"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    dropout: float = 0.1
+    l1: float = 5e-4
+    groups: int = 2
+    rotation: float = 8.0
+    seed: int = 42
+    train_size: int | None = None
+    test_size: int | None = None
+    precision: str = "auto"
+    jit: str = "auto"
+    deterministic: bool = False
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.epochs > 0, f"--epochs must be at least 1 (got {self.epochs})"),
+            (self.batch_size > 0, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.momentum >= 0, f"--momentum must be 0 or more (got {self.momentum})"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})"),
+            (self.l1 >= 0, f"--l1 must be 0 or more (got {self.l1})"),
+            (self.groups > 0, f"--groups must be at least 1 (got {self.groups})"),
+            (self.rotation >= 0, f"--rotation must be 0 or more degrees (got {self.rotation})"),
+            (self.train_size is None or self.train_size > 0,
+             f"--train-size must be at least 1 (got {self.train_size})"),
+            (self.test_size is None or self.test_size > 0,
+             f"--test-size must be at least 1 (got {self.test_size})"),
+            (self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})"),
+            (self.jit in JIT_MODES, f"--jit must be one of {', '.join(JIT_MODES)} (got {self.jit!r})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        return self
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+JIT_MODES = ("auto", "on", "off")

@@ -1,0 +1,83 @@
+"""What the terminal shows: live progress during training and the tables after it (rich)."""
+
+from __future__ import annotations
+
+import keras
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from normtf.norms import NORMS
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """A progress bar per epoch with live loss and accuracy, then one line per finished epoch."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=True)
+
+    def on_train_begin(self, logs=None):
+        self.progress.start()
+
+    def on_train_end(self, logs=None):
+        self.progress.stop()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        self.task = self.progress.add_task(f"{self.label} epoch {self.epoch}/{self.params['epochs']}",
+                                           total=self.params["steps"], stats="")
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        self.progress.update(self.task, completed=batch + 1,
+                             stats=f"loss {float(logs.get('ce', 0)):.4f} acc {percent(float(logs.get('accuracy', 0)))}")
+
+    def on_test_begin(self, logs=None):
+        self.progress.update(self.task, stats="evaluating on the test set")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.progress.remove_task(self.task)
+        if logs and "val_accuracy" in logs:
+            self.progress.console.print(
+                f"{self.label} epoch {epoch + 1:>2}/{self.params['epochs']}  "
+                f"train loss {logs['ce']:.4f} acc {percent(logs['accuracy'])}   "
+                f"test loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}",
+                highlight=False)
+
+
+def results_table(results, title: str = "Results") -> Table:
+    """One row per run: params, final/best test accuracy, final test loss, mean epoch time."""
+    table = Table(title=title)
+    for column in ["variant", "params", "final test acc", "best test acc (epoch)", "final test loss",
+                   "s / epoch", "status"]:
+        table.add_column(column, justify="left" if column in ("variant", "status") else "right")
+    for result in results:
+        m = result.metrics or {}
+        status = m.get("status", "?")
+        if status == "failed":
+            table.add_row(result.config.norm, f"{m.get('trainable_params', 0):,}", "-", "-", "-", "-",
+                          f"[red]failed[/]: {m['failure']['reason']}")
+            continue
+        table.add_row(result.config.norm, f"{m['trainable_params']:,}", percent(m["final_test_accuracy"]),
+                      f"{percent(m['best_test_accuracy'])} ({m['best_epoch']})", f"{m['final_test_loss']:.4f}",
+                      f"{m['mean_epoch_time']:.1f}", "reused" if result.reused else "trained")
+    return table
+
+
+def norms_help() -> str:
+    return "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())

@@ -1,0 +1,73 @@
+"""Figures the README shows: training curves of all variants, and misclassified digits."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402  (after choosing the headless backend)
+
+from normtf.runs import atomic_write  # noqa: E402
+
+COLORS = {"layer": "tab:green", "batch-l1": "tab:blue", "group": "tab:orange", "batch": "tab:purple"}
+
+
+def save(figure: Figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight", facecolor="white")
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
+    """Test (top row) and train (bottom row) loss and accuracy per epoch, all variants on shared axes.
+
+    `runs` maps a norm name to {"label": legend text, "history": [epoch records]}.
+    """
+    figure = Figure(figsize=(12, 8.5))
+    axes = figure.subplots(2, 2, sharex=True)
+    panels = [("test_loss", "Test loss (cross-entropy)", False), ("test_accuracy", "Test accuracy (%)", True),
+              ("train_loss", "Train loss (cross-entropy, running mean)", False),
+              ("train_accuracy", "Train accuracy (%, running mean, augmented)", True)]
+    for ax, (key, label, percent) in zip(axes.flat, panels):
+        for norm, run in runs.items():
+            epochs = [r["epoch"] for r in run["history"]]
+            values = [r[key] * (100 if percent else 1) for r in run["history"]]
+            ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6, color=COLORS.get(norm), label=run["label"])
+        ax.set_title(label)
+        ax.set_ylabel(label.split(" (")[0].replace("Test ", "").replace("Train ", "").capitalize())
+        ax.grid(alpha=0.3)
+        if percent:
+            ax.set_ylim(_accuracy_floor(runs, key), 100)
+        else:
+            ax.set_yscale("log")
+    for ax in axes[1]:
+        ax.set_xlabel("Epoch")
+    axes[0, 1].legend(loc="lower right")
+    figure.suptitle(title, fontsize=13)
+    return save(figure, path)
+
+
+def _accuracy_floor(runs: dict[str, dict], key: str) -> float:
+    """A lower y-limit that shows every point but zooms in on the interesting top of the range."""
+    lowest = min((r[key] * 100 for run in runs.values() for r in run["history"]), default=90)
+    return max(0.0, min(95.0, lowest - 0.5))
+
+
+def plot_misclassified(images, labels, predictions, confidences, path: Path, title: str, columns: int = 5) -> Path:
+    """A grid of digits, each titled with its true label, the prediction and the model's confidence."""
+    rows = max(1, -(-len(images) // columns))
+    figure = Figure(figsize=(2.1 * columns, 2.4 * rows + 0.6))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label, prediction, p in zip(axes.flat, images, labels, predictions, confidences):
+        ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true {label} · pred {prediction} (p={p:.2f})", fontsize=9.5)
+    if len(images) == 0:
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    figure.suptitle(title, fontsize=12)
+    return save(figure, path)

@@ -1,0 +1,63 @@
+"""The reference CNN of the study (REFERENCE.md), with its normalization chosen by name."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from normtf.config import TrainConfig, UsageError
+from normtf.norms import get_norm
+
+# (filters, kernel, padding) of the six normalized blocks; the 1x1 transition and
+# max-pool sit after block 2.
+BLOCKS = [(14, 3, "valid"), (28, 3, "valid"), (14, 3, "valid"), (12, 3, "valid"), (12, 3, "valid"), (12, 3, "same")]
+TRANSITION_FILTERS = 12
+NUM_CLASSES = 10
+
+
+def build_model(norm: str, config: TrainConfig | None = None) -> keras.Model:
+    """Conv(no bias) -> ReLU -> Norm -> Dropout blocks, channels-last; outputs log-probabilities.
+
+    The output is log-softmax in float32 (like the reference's log_softmax + NLL), so the loss is
+    sparse cross-entropy with from_logits=True and mixed precision never underflows it.
+    """
+    config = config or TrainConfig(norm=norm)
+    spec = get_norm(norm)
+    regularizer = keras.regularizers.L1(config.l1) if spec.l1 and config.l1 > 0 else None
+
+    def conv(filters, kernel, padding, name):
+        return layers.Conv2D(filters, kernel, padding=padding, use_bias=False,
+                             kernel_regularizer=regularizer, name=name)
+
+    model_layers = [keras.Input((28, 28, 1), name="image")]
+    for i, (filters, kernel, padding) in enumerate(BLOCKS, start=1):
+        norm_layer = spec.make(config)
+        norm_layer.name = f"block{i}_norm"
+        model_layers += [
+            conv(filters, kernel, padding, f"block{i}_conv"),
+            layers.ReLU(name=f"block{i}_relu"),
+            norm_layer,
+            layers.Dropout(config.dropout, name=f"block{i}_dropout"),
+        ]
+        if i == 2:
+            model_layers += [conv(TRANSITION_FILTERS, 1, "valid", "transition_conv"),
+                             layers.MaxPooling2D(2, name="pool")]
+    model_layers += [
+        layers.GlobalAveragePooling2D(name="gap"),
+        # The reference's 1x1 conv on the pooled 1x1 map is exactly this bias-free Dense.
+        layers.Dense(NUM_CLASSES, use_bias=False, kernel_regularizer=regularizer, name="head"),
+        layers.Activation("log_softmax", dtype="float32", name="log_probs"),
+    ]
+    try:
+        return keras.Sequential(model_layers, name=f"normtf_{norm.replace('-', '_')}")
+    except ValueError as e:  # e.g. a group count that does not divide a block's channels
+        channels = sorted({filters for filters, _, _ in BLOCKS})
+        raise UsageError(f"cannot build the {norm} model; its blocks have {channels} channels, and Keras says: {e}") from None
+
+
+def trainable_params(model: keras.Model) -> int:
+    return int(sum(keras.ops.size(w) for w in model.trainable_weights))
+
+
+def norm_layers(model: keras.Model) -> list[layers.Layer]:
+    return [layer for layer in model.layers if layer.name.endswith("_norm")]

@@ -1,0 +1,53 @@
+"""The one table that knows the normalization variants. Adding a variant touches this file only.
+
+Keras is imported inside the factories so that the CLI can list the variants without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from normtf.config import TrainConfig, UsageError
+
+EPS = 1e-5  # PyTorch's default for BatchNorm2d, GroupNorm and LayerNorm; Keras's defaults differ
+
+
+@dataclass(frozen=True)
+class Norm:
+    make: Callable[[TrainConfig], object]  # config -> a Keras layer
+    label: str  # names its figures: img/misclassified_<label>.png
+    description: str
+    l1: bool = False  # add the L1 kernel penalty (the study's "batch norm + L1" run)
+
+
+def _batch(config):
+    from keras import layers
+
+    return layers.BatchNormalization(momentum=0.9, epsilon=EPS)  # PyTorch's momentum 0.1
+
+
+def _layer(config):
+    from keras import layers
+
+    return layers.LayerNormalization(axis=(1, 2, 3), epsilon=EPS)  # element-wise gamma/beta over (H, W, C)
+
+
+def _group(config):
+    from keras import layers
+
+    return layers.GroupNormalization(groups=config.groups, epsilon=EPS)
+
+
+NORMS: dict[str, Norm] = {
+    "batch-l1": Norm(_batch, "BatchNorm", "batch norm + L1 on the kernels (the study's run)", l1=True),
+    "batch": Norm(_batch, "BatchNormNoL1", "batch norm without L1 (the control the study lacks)"),
+    "layer": Norm(_layer, "LayerNorm", "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])"),
+    "group": Norm(_group, "GroupNorm", "group norm, per-channel gamma/beta, --groups groups (2 in the study)"),
+}
+
+
+def get_norm(name: str) -> Norm:
+    if name not in NORMS:
+        raise UsageError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
+    return NORMS[name]

@@ -1,0 +1,158 @@
+"""A run directory on disk: which files it holds, written whole or not at all, and its lock.
+
+runs/<norm>/ holds config.json, history.json, history.csv, metrics.json, model.keras, and while a
+run is unfinished, checkpoint/ (the last finished epoch's weights and optimizer state).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from normtf.config import NormtfError, TrainConfig
+
+HISTORY_KEYS = ["epoch", "train_loss", "train_objective", "train_accuracy", "test_loss", "test_accuracy", "epoch_time"]
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: old file or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's private 0600 would surprise whoever shares the results
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value) -> None:
+    atomic_write(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=False, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in JSON")
+
+
+def read_json(path: Path):
+    """The parsed file, or None if it is missing. A truncated or corrupt file is a CorruptFile error."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptFile(f"{path} is truncated or corrupt ({e}); the run is treated as unfinished") from e
+
+
+class CorruptFile(NormtfError):
+    pass
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.history = self.path / "history.json"
+        self.history_csv = self.path / "history.csv"
+        self.metrics = self.path / "metrics.json"
+        self.model = self.path / "model.keras"
+        self.checkpoint_dir = self.path / "checkpoint"
+        self.lock_file = self.path / ".lock"
+
+    def __repr__(self):
+        return f"RunDir({str(self.path)!r})"
+
+    def checkpoint(self, epochs_done: int) -> Path:
+        return self.checkpoint_dir / f"epoch-{epochs_done:04d}.weights.h5"
+
+    def read_history(self) -> list[dict]:
+        records = read_json(self.history) or []
+        if not isinstance(records, list) or any(set(HISTORY_KEYS) - set(r) for r in records):
+            raise CorruptFile(f"{self.history} does not hold a list of epoch records")
+        return records
+
+    def write_history(self, records: list[dict]) -> None:
+        write_json(self.history, records)
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=HISTORY_KEYS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        atomic_write(self.history_csv, out.getvalue())
+
+    def read_metrics(self) -> dict | None:
+        return read_json(self.metrics)
+
+    def stored_config(self) -> TrainConfig | None:
+        values = read_json(self.config)
+        return TrainConfig.from_dict(values["config"]) if values else None
+
+    def status(self, config: TrainConfig | None = None) -> str:
+        """'finished', 'failed', 'partial' (resumable), 'stale' (other config) or 'empty'."""
+        try:
+            stored = self.stored_config()
+            metrics = self.read_metrics()
+            if stored is None:
+                return "empty"
+            if config is not None and stored != config:
+                return "stale"
+            if metrics is not None:
+                return metrics.get("status", "finished") if self.model.exists() or metrics.get("status") == "failed" else "partial"
+            return "partial"
+        except CorruptFile:
+            return "partial"
+
+    @contextmanager
+    def locked(self):
+        """Hold an exclusive lock on the run for the duration; a second process is refused."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_file, "a+")
+        except OSError as e:
+            raise NormtfError(f"cannot write to {self.path}: {e.strerror}; choose a writable --runs-dir") from e
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise NormtfError(f"another normtf process (pid {holder}) is training into {self.path}; "
+                              "wait for it to finish or use another --runs-dir") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield self
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def summarize(records: list[dict]) -> dict:
+    """Final and best test accuracy, epoch of best, mean epoch time, from the epoch records."""
+    best = max(records, key=lambda r: r["test_accuracy"])
+    return {
+        "epochs": len(records),
+        "final_test_accuracy": records[-1]["test_accuracy"],
+        "final_test_loss": records[-1]["test_loss"],
+        "best_test_accuracy": best["test_accuracy"],
+        "best_epoch": best["epoch"],
+        "mean_epoch_time": sum(r["epoch_time"] for r in records) / len(records),
+    }
+
+
+def is_finite(value) -> bool:
+    return value is not None and math.isfinite(value)

@@ -1,0 +1,239 @@
+"""Train one variant: seed, build, fit on MNIST, record every epoch, resume after interruption."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from normtf import data as mnist
+from normtf.config import NormtfError, TrainConfig, UsageError
+from normtf.models import build_model, trainable_params
+from normtf.runs import CorruptFile, RunDir, is_finite, summarize, write_json
+
+EVAL_BATCH = 1000
+
+
+class Interrupted(NormtfError):
+    """Ctrl-C or SIGTERM: the epoch in progress is dropped, finished epochs are kept."""
+
+
+@dataclass
+class Device:
+    name: str
+    precision: str
+    jit: bool
+
+
+@dataclass
+class TrainResult:
+    run: RunDir
+    config: TrainConfig
+    history: list[dict]
+    metrics: dict
+    reused: bool = False
+
+
+def resolve_device(config: TrainConfig) -> Device:
+    """auto: mixed_float16 + XLA on a GPU; float32, no XLA on CPU (XLA made a CPU epoch 16x slower)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    name = f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    precision = config.precision if config.precision != "auto" else ("mixed_float16" if gpus else "float32")
+    jit = {"on": True, "off": False, "auto": bool(gpus)}[config.jit]
+    return Device(name, precision, jit)
+
+
+def environment(device: Device) -> dict:
+    return {
+        "device": device.name,
+        "precision": device.precision,
+        "jit_compile": device.jit,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def set_seed(seed: int) -> None:
+    """One seed for Python's random, NumPy and TensorFlow."""
+    keras.utils.set_random_seed(seed)
+
+
+def compile_model(model: keras.Model, config: TrainConfig, jit: bool) -> keras.Model:
+    model.compile(
+        optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # "ce" is the plain cross-entropy: the reported loss, without the L1 penalty in "loss".
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                 keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce")],
+        jit_compile=jit,
+    )
+    return model
+
+
+class _EpochKeeper(keras.callbacks.Callback):
+    """Makes each epoch reproducible on its own and keeps it: reseeds dropout from (seed, epoch),
+    stops at the first non-finite loss, and after each finished epoch writes its checkpoint and
+    the history (checkpoint first, so the history never runs ahead of a checkpoint)."""
+
+    def __init__(self, run: RunDir, config: TrainConfig, history: list[dict]):
+        super().__init__()
+        self.run, self.config, self.history = run, config, history
+        self.failure = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.started = epoch, time.perf_counter()
+        for i, generator in enumerate(_seed_generators(self.model)):
+            generator.state.assign(np.array([self.config.seed * 1000 + i, epoch << 24], dtype=generator.state.dtype))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.failure is None and not is_finite(float((logs or {}).get("loss", 0.0))):
+            self.failure = {"epoch": self.epoch + 1, "step": batch + 1,
+                            "reason": f"loss became {float(logs['loss'])} at epoch {self.epoch + 1}, step {batch + 1}"}
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.failure is not None:
+            return
+        logs = logs or {}
+        self.history.append({
+            "epoch": epoch + 1,
+            "train_loss": float(logs["ce"]),
+            "train_objective": float(logs["loss"]),
+            "train_accuracy": float(logs["accuracy"]),
+            "test_loss": float(logs["val_ce"]),
+            "test_accuracy": float(logs["val_accuracy"]),
+            "epoch_time": time.perf_counter() - self.started,
+        })
+        checkpoint = self.run.checkpoint(epoch + 1)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        partial = checkpoint.with_name(".partial.weights.h5")
+        self.model.save_weights(partial)
+        os.replace(partial, checkpoint)
+        self.run.write_history(self.history)
+        for old in self.run.checkpoint_dir.glob("epoch-*.weights.h5"):
+            if old != checkpoint:
+                old.unlink()
+
+
+def _seed_generators(model):
+    return [layer.seed_generator for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a closed laptop session, `kill`) stops training the way Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start_state(run: RunDir, config: TrainConfig, force: bool, warn) -> tuple[str, list[dict]]:
+    """Decide what to do with what is already in the run directory: reuse, resume or start."""
+    status = run.status(config)
+    if force or status in ("empty", "failed"):
+        return "fresh", []
+    if status == "finished":
+        return "reuse", run.read_history()
+    if status == "stale":
+        if run.metrics.exists():
+            stored = run.stored_config()
+            changed = ", ".join(f"{k} {getattr(stored, k)} -> {getattr(config, k)}"
+                                for k in config.to_dict() if getattr(stored, k) != getattr(config, k))
+            raise UsageError(f"{run.path} holds a finished run with other settings ({changed}); "
+                             "pass --force to replace it, or --runs-dir to keep both")
+        warn(f"{run.path} holds an unfinished run with other settings; starting over")
+        return "fresh", []
+    try:
+        history = run.read_history()
+    except CorruptFile as e:
+        warn(f"{e}; starting over")
+        return "fresh", []
+    if history and not run.checkpoint(len(history)).exists():
+        warn(f"{run.path}: no checkpoint for epoch {len(history)}; starting over")
+        return "fresh", []
+    return "resume", history
+
+
+def _clear(run: RunDir) -> None:
+    for path in [run.history, run.history_csv, run.metrics, run.model, run.config]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+
+
+def train(config: TrainConfig, runs_dir: Path | str = "runs", dataset: mnist.Mnist | None = None,
+          data_dir: Path | None = None, callbacks=(), tensorboard: bool = False, force: bool = False,
+          warn=lambda message: None) -> TrainResult:
+    """Train `config.norm` into runs_dir/<norm>/, resuming or reusing what is already there."""
+    config.validate()
+    run = RunDir(Path(runs_dir) / config.norm)
+    with run.locked():
+        action, history = _start_state(run, config, force, warn)
+        if action == "reuse":
+            return TrainResult(run, config, history, run.read_metrics(), reused=True)
+        if action == "fresh":
+            _clear(run)
+        device = resolve_device(config)
+        keras.mixed_precision.set_global_policy(device.precision)
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        set_seed(config.seed)
+        model = compile_model(build_model(config.norm, config), config, device.jit)  # bad --groups fails here
+        data = dataset or mnist.load_mnist(data_dir, warn=warn)
+        for flag, size, available in [("--train-size", config.train_size, len(data.y_train)),
+                                      ("--test-size", config.test_size, len(data.y_test))]:
+            if size is not None and size > available:
+                raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
+        train_idx = mnist.stratified_subset(data.y_train, config.train_size, config.seed)
+        test_idx = mnist.stratified_subset(data.y_test, config.test_size, config.seed)
+        write_json(run.config, {"config": config.to_dict(), "environment": environment(device),
+                                "data": str(data.source), "train_images": len(train_idx),
+                                "test_images": len(test_idx), "trainable_params": trainable_params(model)})
+        if history:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(run.checkpoint(len(history)))
+
+        keeper = _EpochKeeper(run, config, history)
+        train_ds = mnist.train_dataset(data.x_train[train_idx], data.y_train[train_idx], config.batch_size,
+                                       config.seed, config.rotation, len(history), config.epochs)
+        test_ds = mnist.test_dataset(data.x_test[test_idx], data.y_test[test_idx], EVAL_BATCH)
+        extra = [keras.callbacks.TensorBoard(str(run.path / "tensorboard"))] if tensorboard else []
+        try:
+            with _sigterm_as_interrupt():
+                model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=len(history),
+                          steps_per_epoch=mnist.steps_per_epoch(len(train_idx), config.batch_size),
+                          callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {len(history)} of {config.epochs} epochs of {config.norm} are kept "
+                              f"in {run.path}; run the same command again to resume") from None
+
+        metrics = {"status": "finished", "norm": config.norm, "trainable_params": trainable_params(model)}
+        if keeper.failure is not None:
+            metrics.update(status="failed", failure=keeper.failure)
+        else:
+            metrics.update(summarize(history))
+            partial = run.path / ".partial.model.keras"
+            model.save(partial)
+            os.replace(partial, run.model)
+            shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+        write_json(run.metrics, metrics)
+        return TrainResult(run, config, history, metrics)

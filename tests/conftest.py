@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from normtf import data as mnist  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    """Real MNIST (from the cache `normtf data` fills, fetched if missing)."""
+    return mnist.load_mnist()
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(dataset):
+    return dataset.source
+
+
+@pytest.fixture(scope="session")
+def test_batch(dataset):
+    """32 real test images, normalized as the model sees them."""
+    x, _ = next(iter(mnist.test_dataset(dataset.x_test[:32], dataset.y_test[:32], 32)))
+    return x.numpy()
+
+
+def copy_mnist(src, dst, names=None):
+    """Copy (some of) the four raw IDX files into dst."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names or mnist.FILES:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def small_idx_dir(dataset, dst, n_train=600, n_test=200):
+    """A directory of small, valid IDX files cut from real MNIST (not the standard checksums)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    arrays = [dataset.x_train[:n_train], dataset.y_train[:n_train], dataset.x_test[:n_test], dataset.y_test[:n_test]]
+    for name, array in zip(mnist.FILES, arrays):
+        (dst / name).write_bytes(mnist.idx_bytes(np.asarray(array)))
+    return dst

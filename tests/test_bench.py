@@ -1,0 +1,43 @@
+import importlib.util
+
+import pytest
+
+from normtf import bench
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+
+
+@needs_torch
+@pytest.mark.parametrize("norm, params",
+                         [("batch-l1", 9_910), ("batch", 9_910), ("group", 9_910), ("layer", 66_974)])
+def test_reference_model_has_the_study_parameter_counts(norm, params):
+    import torch
+
+    from normtf import torch_reference
+
+    model = torch_reference.build(norm)  # asserts the count itself
+    assert sum(p.numel() for p in model.parameters()) == params
+    log_probs = model(torch_reference.rotate(torch.rand(4, 1, 28, 28), 8.0))
+    assert log_probs.shape == (4, 10)
+    assert torch.allclose(log_probs.exp().sum(1), torch.ones(4), atol=1e-5)
+
+
+def test_training_flops_match_the_issue():
+    from normtf.models import build_model
+
+    assert bench.flops_per_image(build_model("batch")) == pytest.approx(15.9e6, rel=0.1)
+
+
+def test_normtf_worker_measures_a_positive_throughput():
+    result = bench.measure_normtf("batch", steps=3, warmup=1, repeats=1, evals=1)
+    assert len(result["images_per_second"]) == 1 and result["images_per_second"][0] > 0
+    assert result["eval_seconds"][0] > 0
+
+
+def test_table_renders_without_reference():
+    variant = {"normtf": {"images_per_second": 1500.0, "peak_rss_mib": 900.0, "eval_seconds": 1.2},
+               "reference": None, "ratio": None, "epoch_seconds": 40.0, "floor_epoch_seconds": 2.0,
+               "epoch_vs_floor": 20.0}
+    result = {"settings": {"repeats": 3, "steps": 20, "warmup": 10, "batch_size": 128},
+              "machine": {"cpu_count": 2, "matmul_gflops": 480.0}, "variants": {"batch": variant}}
+    assert bench.format_table(result).row_count == 1

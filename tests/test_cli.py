@@ -1,0 +1,137 @@
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import keras
+import pytest
+from typer.testing import CliRunner
+
+from normtf.cli import app
+from normtf.console import console
+
+ROOT = Path(__file__).parent.parent
+TINY = ["--epochs", "1", "--train-size", "1000", "--test-size", "500"]
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_help_lists_the_commands_without_installing():
+    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for command in ["train", "compare", "gallery", "data", "evaluate", "explain", "diagrams"]:
+        assert command in out.stdout
+    assert "--norm" in run("train", "--help").output
+
+
+def test_data_command_says_where_mnist_is(mnist_dir):
+    result = run("data")
+    assert result.exit_code == 0 and str(mnist_dir) in result.output.replace("\n", "")
+
+
+def test_train_compare_gallery_write_their_files(tmp_path):
+    runs, img = tmp_path / "runs", tmp_path / "img"
+    result = run("train", "--norm", "group", *TINY, "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    assert "9,910" in result.output and "group epoch  1/1" in result.output
+    for name in ["config.json", "history.json", "history.csv", "metrics.json", "model.keras"]:
+        assert (runs / "group" / name).is_file()
+
+    result = run("compare", "--all", *TINY, "--runs-dir", runs, "--img-dir", img)
+    assert result.exit_code == 0, result.output
+    assert "reused" in result.output and "66,974" in result.output
+    assert (img / "loss_accuracy.png").stat().st_size > 20_000
+    labels = ["BatchNorm", "BatchNormNoL1", "LayerNorm", "GroupNorm"]
+    assert sorted(p.name for p in img.glob("misclassified_*.png")) == sorted(f"misclassified_{x}.png" for x in labels)
+
+    (img / "misclassified_LayerNorm.png").unlink()
+    result = run("gallery", "--norm", "layer", "--count", "5", "--runs-dir", runs, "--img-dir", img)
+    assert result.exit_code == 0 and (img / "misclassified_LayerNorm.png").is_file()
+
+    result = run("evaluate", runs / "layer")
+    assert result.exit_code == 0 and "confusion matrix" in result.output and "of 10,000 correct" in result.output
+
+
+def test_gallery_without_runs_names_the_command_to_run(tmp_path):
+    result = run("gallery", "--runs-dir", tmp_path)
+    assert result.exit_code == 1 and "normtf compare --all" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--norm", "instance"], "'instance' is not one of"),
+    (["train", "--norm", "group", "--groups", "4"], "Number of groups (4)"),
+    (["train", "--epochs", "0"], "--epochs must be at least 1"),
+    (["train", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["train", "--train-size", "0"], "--train-size must be at least 1"),
+    (["train", "--test-size", "20000"], "--test-size 20000 is more than the 10,000 images"),
+    (["train", "--lr", "0"], "--lr must be positive"),
+    (["train", "--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["train", "--l1", "-1"], "--l1 must be 0 or more"),
+    (["train", "--precision", "float8"], "--precision must be one of"),
+    (["compare"], "--norm (repeatable) or use --all"),
+    (["gallery", "--count", "0"], "--count must be at least 1"),
+])
+def test_bad_input_is_one_clear_line_and_exit_code_2(args, message, tmp_path):
+    result = run(*args, "--runs-dir", tmp_path) if args[0] != "compare" else run(*args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_unknown_norm_lists_the_valid_names():
+    output = " ".join(run("train", "--norm", "instance").output.split())
+    for name in ["batch-l1", "batch", "layer", "group"]:
+        assert name in output
+
+
+def test_missing_data_dir_and_unwritable_runs_dir_are_clear_errors(tmp_path):
+    result = run("train", "--data-dir", tmp_path / "nowhere", "--runs-dir", tmp_path)
+    assert result.exit_code == 1 and "does not exist" in result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run("train", *TINY, "--runs-dir", blocker / "runs")
+    assert result.exit_code == 1 and "choose a writable --runs-dir" in result.output
+
+
+def test_evaluate_refuses_missing_truncated_and_foreign_files(tmp_path):
+    assert "no model at" in run("evaluate", tmp_path / "model.keras").output
+    (tmp_path / "notes.keras").write_text("not a model")
+    result = run("evaluate", tmp_path / "notes.keras")
+    assert result.exit_code == 1 and "not a readable .keras model file" in result.output
+
+
+def test_evaluate_refuses_a_truncated_model(tmp_path):
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.save(tmp_path / "whole.keras")
+    raw = (tmp_path / "whole.keras").read_bytes()
+    (tmp_path / "cut.keras").write_bytes(raw[: len(raw) // 2])
+    result = run("evaluate", tmp_path / "cut.keras")
+    assert result.exit_code == 1 and "truncated or corrupt" in result.output
+
+
+def test_a_model_carrying_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Lambda(lambda x: x * 2), keras.layers.Dense(10)])
+    model.save(tmp_path / "lambda.keras")
+    with zipfile.ZipFile(tmp_path / "lambda.keras") as archive:
+        assert "Lambda" in archive.read("config.json").decode()
+    result = run("evaluate", tmp_path / "lambda.keras")
+    assert result.exit_code == 1 and "carries code" in result.output and not marker.exists()
+
+
+def test_explain_prints_the_statistics_of_each_norm_layer(monkeypatch):
+    monkeypatch.setattr(console, "width", 200)
+    result = run("explain", "--norm", "group", "--norm", "batch", "--batch-size", "16")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "per sample and group of 7 channels" in text and "per channel" in text
+    assert "yes (moving statistics" in text
+
+
+def test_diagrams_are_drawn(tmp_path):
+    result = run("diagrams", "--img-dir", tmp_path)
+    assert result.exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["BatchNorm.png", "GroupNorm.png", "LayerNorm.png"]

@@ -1,0 +1,130 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from normtf import study
+from normtf.config import NormtfError, TrainConfig, UsageError
+from normtf.evaluation import evaluate_file
+from normtf.models import build_model
+from normtf.norms import NORMS
+from normtf.runs import RunDir, atomic_write
+from normtf.training import Interrupted, compile_model, train
+
+TINY = dict(epochs=1, train_size=1000, test_size=500)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, dataset):
+    """batch-l1 and group, 2 epochs on a 20,000-image subset, tested on all 10,000 test images."""
+    runs = tmp_path_factory.mktemp("runs")
+    results = study.compare(["batch-l1", "group"], TrainConfig(epochs=2, train_size=20000), runs)
+    return runs, {r.config.norm: r for r in results}
+
+
+@pytest.mark.parametrize("norm", ["batch-l1", "group"])
+def test_two_epochs_on_20k_images_reach_93_percent(trained, norm):
+    result = trained[1][norm]
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert result.metrics["final_test_accuracy"] >= 0.93
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_a_run_records_config_history_metrics_and_model(trained, dataset):
+    run = trained[1]["batch-l1"].run
+    stored = json.loads(run.config.read_text())
+    assert stored["config"]["norm"] == "batch-l1" and stored["config"]["train_size"] == 20000
+    assert {"tensorflow", "keras", "numpy", "python", "device", "precision"} <= set(stored["environment"])
+    assert stored["environment"]["precision"] == "float32" and stored["environment"]["jit_compile"] is False
+    assert stored["trainable_params"] == 9910
+    csv_lines = run.history_csv.read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 3
+    metrics = run.read_metrics()
+    assert metrics["status"] == "finished" and metrics["trainable_params"] == 9910 and metrics["epochs"] == 2
+    assert metrics["best_test_accuracy"] == max(r["test_accuracy"] for r in trained[1]["batch-l1"].history)
+    # The L1 penalty is in the objective, not in the reported cross-entropy.
+    record = trained[1]["batch-l1"].history[-1]
+    assert record["train_objective"] > record["train_loss"]
+    assert not run.checkpoint_dir.exists()
+    evaluation = evaluate_file(run.model, dataset)
+    assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)
+    np.testing.assert_allclose(evaluation.loss, metrics["final_test_loss"], rtol=1e-4)
+
+
+def test_a_finished_run_is_reused_and_not_overwritten_by_other_settings(trained):
+    runs, results = trained
+    again = train(results["group"].config, runs)
+    assert again.reused and again.history == results["group"].history
+    with pytest.raises(UsageError, match="finished run with other settings .*epochs 2 -> 3"):
+        train(results["group"].config.replace(epochs=3), runs)
+
+
+def test_interrupted_training_resumes_from_the_last_finished_epoch(dataset, tmp_path):
+    class StopInEpoch2(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.optimizer.iterations.numpy() > 8 + 3:
+                raise KeyboardInterrupt
+
+    config = TrainConfig(norm="group", epochs=3, train_size=1000, test_size=500)
+    with pytest.raises(Interrupted, match="1 of 3 epochs .* run the same command again to resume"):
+        train(config, tmp_path, dataset=dataset, callbacks=[StopInEpoch2()])
+    run = RunDir(tmp_path / "group")
+    assert run.status(config) == "partial" and len(run.read_history()) == 1 and run.checkpoint(1).exists()
+    result = train(config, tmp_path, dataset=dataset)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.metrics["status"] == "finished"
+
+
+def test_non_finite_loss_stops_the_run_and_marks_it_failed(dataset, tmp_path):
+    result = train(TrainConfig(norm="batch", lr=1e12, **TINY), tmp_path, dataset=dataset)
+    failure = result.metrics["failure"]
+    assert result.metrics["status"] == "failed" and failure["epoch"] == 1 and failure["step"] >= 1
+    assert "loss became" in failure["reason"] and not result.run.model.exists()
+    assert result.run.status(result.config) == "failed"
+    assert study.draw_curves([result], tmp_path / "curves.png") is None  # never drawn as a curve
+
+
+def test_a_run_directory_is_locked_against_a_second_trainer(dataset, tmp_path):
+    with RunDir(tmp_path / "layer").locked():
+        with pytest.raises(NormtfError, match=r"another normtf process \(pid \d+\) is training into"):
+            train(TrainConfig(norm="layer", **TINY), tmp_path, dataset=dataset)
+
+
+def test_corrupt_history_is_reported_and_the_run_started_over(dataset, tmp_path):
+    config = TrainConfig(norm="layer", epochs=1, train_size=1000, test_size=500)
+    run = RunDir(tmp_path / "layer")
+    train(config, tmp_path, dataset=dataset)
+    run.metrics.unlink()
+    run.history.write_text('[{"epoch": 1, "train_loss": 0.3')  # as if cut off mid-write
+    assert study.load_result(run) is None
+    warnings = []
+    result = train(config, tmp_path, dataset=dataset, warn=warnings.append)
+    assert any("truncated or corrupt" in w for w in warnings)
+    assert [r["epoch"] for r in result.history] == [1] and result.metrics["status"] == "finished"
+
+
+def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    atomic_write(path, "old")
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_sizes_larger_than_the_data_are_refused(dataset, tmp_path):
+    with pytest.raises(UsageError, match="--train-size 70000 is more than the 60,000 images"):
+        train(TrainConfig(norm="batch", train_size=70000), tmp_path, dataset=dataset)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_mixed_float16_step_runs_without_nans(norm, test_batch, dataset):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = compile_model(build_model(norm), TrainConfig(norm=norm), jit=False)
+        assert model.layers[0].compute_dtype == "float16" and model(test_batch[:2]).dtype == "float32"
+        logs = model.train_on_batch(test_batch, dataset.y_test[:32].astype("int32"), return_dict=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(logs["loss"])
+    assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.trainable_weights)
