@@ -36,7 +36,7 @@ SETTINGS = {False: (20, 150), True: (10, 20)}
 def run_benchmark(norms: list[str], repeats: int = 3, quick: bool = False, steps: int | None = None,
                   reference: bool = True, out: Path | None = Path("results/bench.json"), progress=None) -> dict:
     """Measure each variant in normtf and (reference=True) in the PyTorch reference; write `out`."""
-    from normtf.models import get_norm
+    from normtf.norms import get_norm
 
     say = progress or (lambda message: None)
     warmup, default_steps = SETTINGS[quick]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import os
@@ -58,12 +59,18 @@ Precision = Annotated[str, typer.Option(
 Jit = Annotated[str, typer.Option(help="XLA compilation: auto (on for GPU, off for CPU), on or off.")]
 Deterministic = Annotated[bool, typer.Option(
     "--deterministic", help="TensorFlow op determinism: bit-identical reruns and resumes, somewhat slower.")]
+Strategy = Annotated[str, typer.Option(
+    help="default (one device), mirrored (all local GPUs) or multi-worker (machines named by TF_CONFIG); "
+         "the batch is split over the replicas.")]
+SyncBn = Annotated[bool, typer.Option("--sync-bn", help="Batch norm statistics over the global batch of all replicas.")]
 Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished run with these settings exists.")]
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
 
 
-def _config(**values) -> TrainConfig:
-    return TrainConfig(**values).validate()
+def _config(parameters: dict, **overrides) -> TrainConfig:
+    """The TrainConfig of a command whose parameters carry the dataclass's field names."""
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in {**parameters, **overrides}.items() if k in fields}).validate()
 
 
 @app.command()
@@ -85,15 +92,14 @@ def train(norm: Annotated[NormName, typer.Option(help="Normalization variant.")]
           momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
           train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
-          jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False, runs_dir: RunsDir = Path("runs"),
+          jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
+          strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
           data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False):
     """Train one variant into <runs-dir>/<norm>/; run it again to resume an interrupted run."""
     from normtf.console import EpochProgress, console, results_table, warn
     from normtf.training import train as train_run
 
-    config = _config(norm=norm.value, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                     dropout=dropout, l1=l1, groups=groups, rotation=rotation, seed=seed, train_size=train_size,
-                     test_size=test_size, precision=precision, jit=jit, deterministic=deterministic)
+    config = _config(locals(), norm=norm.value)
     result = train_run(config, runs_dir, data_dir=data_dir, callbacks=[EpochProgress(config.norm)],
                        tensorboard=tensorboard, force=force, warn=warn)
     if result.reused:
@@ -109,7 +115,8 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
             momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
             groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
             train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
-            jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False, runs_dir: RunsDir = Path("runs"),
+            jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
+            strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
             img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
     """Train several variants in turn (finished runs are reused), then draw their curves and mistakes."""
     from normtf import study
@@ -118,15 +125,14 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
     norms = list(NORMS) if all_ else [n.value for n in norm or []]
     if not norms:
         raise UsageError("name the variants with --norm (repeatable) or use --all")
-    config = _config(norm=norms[0], epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                     dropout=dropout, l1=l1, groups=groups, rotation=rotation, seed=seed, train_size=train_size,
-                     test_size=test_size, precision=precision, jit=jit, deterministic=deterministic)
+    config = _config(locals(), norm=norms[0])
     results = study.compare(norms, config, runs_dir, callbacks_for=lambda n: [EpochProgress(n)], force=force,
                             data_dir=data_dir, warn=warn)
     console.print(results_table(results, title="normtf compare"))
     written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
                *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]
-    console.print("figures: " + ", ".join(str(p) for p in written if p))
+    written = [str(path) for path in written if path]
+    console.print("figures: " + ", ".join(written) if written else "no figures: no run finished")
 
 
 @app.command()
@@ -205,6 +211,23 @@ def diagrams(img_dir: ImgDir = Path("img"), groups: Groups = DEFAULTS.groups):
 
     for path in draw_diagrams(img_dir, groups):
         console.print(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", help="A run under two minutes.")] = False,
+          repeats: Annotated[int, typer.Option(help="Timed windows per measurement; the median is reported.")] = 3,
+          steps: Annotated[Optional[int], typer.Option(help="Training steps per timed window.")] = None,
+          reference: Annotated[bool, typer.Option(help="Also time the PyTorch reference loop (pip install 'normtf[bench]').")] = True,
+          out: Annotated[Path, typer.Option(help="Where the results are written as JSON.")] = Path("results/bench.json")):
+    """Training throughput of normtf against the reference PyTorch loop, memory, eval time, FLOP floor."""
+    from normtf.bench import format_table, run_benchmark
+    from normtf.console import console
+
+    result = run_benchmark([n.value for n in norm] if norm else list(NORMS), repeats, quick, steps, reference, out,
+                           progress=lambda message: console.print(message, highlight=False))
+    console.print(format_table(result))
+    console.print(f"wrote {out}")
 
 
 def main():

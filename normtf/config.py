@@ -34,6 +34,8 @@ class TrainConfig:
     precision: str = "auto"
     jit: str = "auto"
     deterministic: bool = False
+    strategy: str = "default"
+    sync_bn: bool = False
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -52,6 +54,8 @@ class TrainConfig:
             (self.precision in PRECISIONS,
              f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})"),
             (self.jit in JIT_MODES, f"--jit must be one of {', '.join(JIT_MODES)} (got {self.jit!r})"),
+            (self.strategy in STRATEGIES,
+             f"--strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,3 +79,4 @@ class TrainConfig:
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_MODES = ("auto", "on", "off")
+STRATEGIES = ("default", "mirrored", "multi-worker")

@@ -70,8 +70,9 @@ def results_table(results, title: str = "Results") -> Table:
         m = result.metrics or {}
         status = m.get("status", "?")
         if status == "failed":
+            failure = m["failure"]
             table.add_row(result.config.norm, f"{m.get('trainable_params', 0):,}", "-", "-", "-", "-",
-                          f"[red]failed[/]: {m['failure']['reason']}")
+                          f"[red]failed[/] (non-finite loss, epoch {failure['epoch']} step {failure['step']})")
             continue
         table.add_row(result.config.norm, f"{m['trainable_params']:,}", percent(m["final_test_accuracy"]),
                       f"{percent(m['best_test_accuracy'])} ({m['best_epoch']})", f"{m['final_test_loss']:.4f}",

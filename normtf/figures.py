@@ -12,8 +12,6 @@ from matplotlib.figure import Figure  # noqa: E402  (after choosing the headless
 
 from normtf.runs import atomic_write  # noqa: E402
 
-COLORS = {"layer": "tab:green", "batch-l1": "tab:blue", "group": "tab:orange", "batch": "tab:purple"}
-
 
 def save(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
@@ -25,7 +23,7 @@ def save(figure: Figure, path: Path) -> Path:
 def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
     """Test (top row) and train (bottom row) loss and accuracy per epoch, all variants on shared axes.
 
-    `runs` maps a norm name to {"label": legend text, "history": [epoch records]}.
+    `runs` maps a norm name to {"label": legend text, "color": a matplotlib color, "history": [epoch records]}.
     """
     figure = Figure(figsize=(12, 8.5))
     axes = figure.subplots(2, 2, sharex=True)
@@ -33,10 +31,10 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
               ("train_loss", "Train loss (cross-entropy, running mean)", False),
               ("train_accuracy", "Train accuracy (%, running mean, augmented)", True)]
     for ax, (key, label, percent) in zip(axes.flat, panels):
-        for norm, run in runs.items():
+        for run in runs.values():
             epochs = [r["epoch"] for r in run["history"]]
             values = [r[key] * (100 if percent else 1) for r in run["history"]]
-            ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6, color=COLORS.get(norm), label=run["label"])
+            ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6, color=run["color"], label=run["label"])
         ax.set_title(label)
         ax.set_ylabel(label.split(" (")[0].replace("Test ", "").replace("Train ", "").capitalize())
         ax.grid(alpha=0.3)

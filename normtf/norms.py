@@ -24,7 +24,8 @@ class Norm:
 def _batch(config):
     from keras import layers
 
-    return layers.BatchNormalization(momentum=0.9, epsilon=EPS)  # PyTorch's momentum 0.1
+    # PyTorch's momentum 0.1; --sync-bn: statistics over the global batch of all replicas.
+    return layers.BatchNormalization(momentum=0.9, epsilon=EPS, synchronized=config.sync_bn)
 
 
 def _layer(config):
@@ -39,11 +40,19 @@ def _group(config):
     return layers.GroupNormalization(groups=config.groups, epsilon=EPS)
 
 
+def _layer_per_channel(config):
+    from keras import layers
+
+    return layers.GroupNormalization(groups=1, epsilon=EPS)  # Wu & He's layer norm: one group
+
+
 NORMS: dict[str, Norm] = {
     "batch-l1": Norm(_batch, "BatchNorm", "batch norm + L1 on the kernels (the study's run)", l1=True),
     "batch": Norm(_batch, "BatchNormNoL1", "batch norm without L1 (the control the study lacks)"),
     "layer": Norm(_layer, "LayerNorm", "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])"),
     "group": Norm(_group, "GroupNorm", "group norm, per-channel gamma/beta, --groups groups (2 in the study)"),
+    "layer-c": Norm(_layer_per_channel, "LayerNormPerChannel",
+                    "layer norm with per-channel gamma/beta (group norm with one group): 9,910 parameters"),
 }
 
 

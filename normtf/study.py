@@ -8,7 +8,7 @@ from normtf import data as mnist
 from normtf import figures
 from normtf.config import NormtfError, TrainConfig
 from normtf.evaluation import evaluate_file
-from normtf.norms import get_norm
+from normtf.norms import NORMS, get_norm
 from normtf.runs import CorruptFile, RunDir
 from normtf.training import TrainResult, train
 
@@ -25,6 +25,11 @@ def compare(norms: list[str], config: TrainConfig, runs_dir: Path, callbacks_for
         results.append(train(run_config, runs_dir, dataset=dataset, callbacks=callbacks_for(norm),
                              force=force, warn=warn))
     return results
+
+
+def color(norm: str) -> str:
+    """The same color for a variant in every figure: its place in the table of norms."""
+    return f"C{list(NORMS).index(norm)}"
 
 
 def load_result(run: RunDir) -> TrainResult | None:
@@ -47,7 +52,7 @@ def draw_curves(results: list[TrainResult], path: Path) -> Path | None:
     title = (f"MNIST, {size} training images, batch {c.batch_size}, SGD lr {c.lr} momentum {c.momentum}, "
              f"seed {c.seed}  (normtf)")
     runs = {r.config.norm: {"label": f"{get_norm(r.config.norm).label} ({r.metrics['trainable_params']:,} params)",
-                            "history": r.history} for r in finished}
+                            "color": color(r.config.norm), "history": r.history} for r in finished}
     return figures.plot_curves(runs, path, title)
 
 

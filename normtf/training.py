@@ -52,9 +52,22 @@ def resolve_device(config: TrainConfig) -> Device:
     return Device(name, precision, jit)
 
 
-def environment(device: Device) -> dict:
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """mirrored: every local GPU (or logical CPU); multi-worker: the machines TF_CONFIG names.
+    Either way the global batch (--batch-size) is split over the replicas."""
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi-worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def environment(device: Device, strategy: tf.distribute.Strategy) -> dict:
     return {
         "device": device.name,
+        "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync,
         "precision": device.precision,
         "jit_compile": device.jit,
         "python": platform.python_version(),
@@ -165,6 +178,7 @@ def _start_state(run: RunDir, config: TrainConfig, force: bool, warn) -> tuple[s
         return "fresh", []
     try:
         history = run.read_history()
+        run.read_metrics()  # a corrupt one is reported here, not silently overwritten
     except CorruptFile as e:
         warn(f"{e}; starting over")
         return "fresh", []
@@ -190,14 +204,14 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs", dataset: mnist.Mni
         action, history = _start_state(run, config, force, warn)
         if action == "reuse":
             return TrainResult(run, config, history, run.read_metrics(), reused=True)
-        if action == "fresh":
-            _clear(run)
         device = resolve_device(config)
         keras.mixed_precision.set_global_policy(device.precision)
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
         set_seed(config.seed)
-        model = compile_model(build_model(config.norm, config), config, device.jit)  # bad --groups fails here
+        strategy = make_strategy(config.strategy)
+        with strategy.scope():
+            model = compile_model(build_model(config.norm, config), config, device.jit)  # bad --groups fails here
         data = dataset or mnist.load_mnist(data_dir, warn=warn)
         for flag, size, available in [("--train-size", config.train_size, len(data.y_train)),
                                       ("--test-size", config.test_size, len(data.y_test))]:
@@ -205,7 +219,11 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs", dataset: mnist.Mni
                 raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
         train_idx = mnist.stratified_subset(data.y_train, config.train_size, config.seed)
         test_idx = mnist.stratified_subset(data.y_test, config.test_size, config.seed)
-        write_json(run.config, {"config": config.to_dict(), "environment": environment(device),
+        if config.batch_size > len(train_idx):
+            raise UsageError(f"--batch-size {config.batch_size} is more than the {len(train_idx):,} training images")
+        if action == "fresh":  # only now: a bad setting above leaves the directory as it was
+            _clear(run)
+        write_json(run.config, {"config": config.to_dict(), "environment": environment(device, strategy),
                                 "data": str(data.source), "train_images": len(train_idx),
                                 "test_images": len(test_idx), "trainable_params": trainable_params(model)})
         if history:

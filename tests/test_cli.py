@@ -68,6 +68,7 @@ def test_gallery_without_runs_names_the_command_to_run(tmp_path):
     (["train", "--train-size", "0"], "--train-size must be at least 1"),
     (["train", "--test-size", "20000"], "--test-size 20000 is more than the 10,000 images"),
     (["train", "--lr", "0"], "--lr must be positive"),
+    (["train", "--batch-size", "2000", "--train-size", "1000"], "--batch-size 2000 is more than the 1,000 training"),
     (["train", "--dropout", "1"], "--dropout must be in [0, 1)"),
     (["train", "--l1", "-1"], "--l1 must be 0 or more"),
     (["train", "--precision", "float8"], "--precision must be one of"),
@@ -135,3 +136,11 @@ def test_diagrams_are_drawn(tmp_path):
     result = run("diagrams", "--img-dir", tmp_path)
     assert result.exit_code == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["BatchNorm.png", "GroupNorm.png", "LayerNorm.png"]
+
+
+def test_compare_shows_a_diverged_run_as_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(console, "width", 200)
+    result = run("compare", "--norm", "batch", *TINY, "--lr", "1e12", "--runs-dir", tmp_path, "--img-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "failed (non-finite loss, epoch 1 step" in result.output and "no figures" in result.output
+    assert not (tmp_path / "loss_accuracy.png").exists()

@@ -1,0 +1,78 @@
+"""Real `normtf train` processes, killed and interrupted mid-run, then run again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from normtf.evaluation import evaluate_file
+from normtf.runs import RunDir
+
+ARGS = ["--norm", "group", "--epochs", "3", "--train-size", "6000", "--test-size", "1000", "--deterministic"]
+
+
+def start(runs_dir):
+    return subprocess.Popen([sys.executable, "-m", "normtf", "train", *ARGS, "--runs-dir", str(runs_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+
+
+def wait_for_epochs(run: RunDir, count: int, process, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if run.history.exists() and len(json.loads(run.history.read_text())) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no epoch {count} within {timeout}s")
+
+
+def weights(run: RunDir):
+    from normtf.evaluation import load_model
+
+    return [np.asarray(w) for w in load_model(run.model).get_weights()]
+
+
+def test_sigkill_during_epoch_2_then_rerun_gives_every_epoch_once_and_the_same_model(tmp_path, dataset):
+    run = RunDir(tmp_path / "killed" / "group")
+    process = start(tmp_path / "killed")
+    wait_for_epochs(run, 1, process)
+    time.sleep(0.5)  # well inside epoch 2
+    process.kill()
+    process.wait()
+    assert run.status() == "partial" and not run.metrics.exists()
+
+    rerun = start(tmp_path / "killed")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    history = run.read_history()
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    metrics = run.read_metrics()
+    evaluation = evaluate_file(run.model, dataset, test_size=1000, seed=42)
+    assert evaluation.correct == round(metrics["final_test_accuracy"] * 1000)
+
+    straight = start(tmp_path / "straight")
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+    for resumed, uninterrupted in zip(weights(run), weights(RunDir(tmp_path / "straight" / "group"))):
+        np.testing.assert_array_equal(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_keep_finished_epochs_and_say_how_to_resume(tmp_path, signum):
+    run = RunDir(tmp_path / "group")
+    process = start(tmp_path)
+    wait_for_epochs(run, 1, process)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "run the same command again to resume" in err and "Traceback" not in err + out
+    assert len(run.read_history()) >= 1 and not run.metrics.exists()
+    with h5py.File(run.checkpoint(len(run.read_history()))) as checkpoint:
+        assert len(checkpoint.keys()) > 0
