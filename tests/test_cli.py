@@ -44,7 +44,7 @@ def test_train_compare_gallery_write_their_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert "reused" in result.output and "66,974" in result.output
     assert (img / "loss_accuracy.png").stat().st_size > 20_000
-    labels = ["BatchNorm", "BatchNormNoL1", "LayerNorm", "GroupNorm"]
+    labels = ["BatchNorm", "BatchNormNoL1", "LayerNorm", "GroupNorm", "LayerNormPerChannel"]
     assert sorted(p.name for p in img.glob("misclassified_*.png")) == sorted(f"misclassified_{x}.png" for x in labels)
 
     (img / "misclassified_LayerNorm.png").unlink()

@@ -7,7 +7,7 @@ from normtf.explain import explain, find_statistics_sets
 from normtf.models import build_model, norm_layers, trainable_params
 from normtf.norms import EPS, NORMS
 
-EXPECTED_PARAMS = {"batch-l1": 9910, "batch": 9910, "group": 9910, "layer": 66974}
+EXPECTED_PARAMS = {"batch-l1": 9910, "batch": 9910, "group": 9910, "layer": 66974, "layer-c": 9910}
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -76,6 +76,7 @@ def test_group_norm_equals_per_sample_and_group_statistics():
 @pytest.mark.parametrize("norm, config, count", [
     ("batch", None, 14), ("layer", None, 8), ("group", None, 16),
     ("group", TrainConfig(norm="group", groups=1), 8),  # one group is layer norm with per-channel gamma
+    ("layer-c", None, 8),
 ])
 def test_number_of_distinct_means(norm, config, count):
     layer = norm_layers(build_model(norm, config))[0]
