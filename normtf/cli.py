@@ -137,6 +137,33 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
 
 @app.command()
 @friendly
+def sweep(norm: Norms = None,
+          batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "2,4,8,16,32,64,128",
+          epochs: Epochs = 2, train_size: TrainSize = 20_000, test_size: TestSize = None, lr: Lr = DEFAULTS.lr,
+          scale_lr: Annotated[bool, typer.Option(
+              help=f"Scale the learning rate linearly with the batch size (--lr at batch {DEFAULTS.batch_size}).")] = True,
+          seed: Seed = DEFAULTS.seed, groups: Groups = DEFAULTS.groups, runs_dir: RunsDir = Path("runs/sweep"),
+          out: Annotated[Path, typer.Option(help="The sweep's table as JSON.")] = Path("results/sweep.json"),
+          img_dir: ImgDir = Path("img"), data_dir: DataDir = None):
+    """Train each variant at each batch size on the same image budget; plot test error vs batch size."""
+    from normtf import study
+    from normtf.console import EpochProgress, console, sweep_table, warn
+    from normtf.sweep import run_sweep
+
+    try:
+        sizes = [int(size) for size in batch_sizes.split(",")]
+    except ValueError:
+        raise UsageError(f"--batch-sizes takes whole numbers separated by commas (got {batch_sizes!r})") from None
+    norms = [n.value for n in norm] if norm else ["batch", "layer", "group"]
+    summary = run_sweep(norms, sizes, _config(locals(), norm=norms[0]), scale_lr, runs_dir, out,
+                        callbacks_for=lambda c: [EpochProgress(f"{c.norm} batch {c.batch_size}")],
+                        data_dir=data_dir, warn=warn)
+    console.print(sweep_table(summary))
+    console.print(f"wrote {out} and {study.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
+
+
+@app.command()
+@friendly
 def gallery(norm: Norms = None, count: Annotated[int, typer.Option(help="Misclassified images per variant.")] = 10,
             runs_dir: RunsDir = Path("runs"), img_dir: ImgDir = Path("img"), data_dir: DataDir = None):
     """Draw the first misclassified test images of each trained run as a grid."""
@@ -155,23 +182,14 @@ def gallery(norm: Norms = None, count: Annotated[int, typer.Option(help="Misclas
 def evaluate(path: Annotated[Path, typer.Argument(help="A model.keras file, or a run directory holding one.")],
              test_size: TestSize = None, data_dir: DataDir = None):
     """Load a saved model (safely: no code in the file is run) and measure it on the MNIST test set."""
-    from rich.table import Table
-
-    from normtf.console import console, warn
+    from normtf.console import confusion_table, console, warn
     from normtf.data import load_mnist
     from normtf.evaluation import evaluate_file
 
     result = evaluate_file(path, load_mnist(data_dir, warn=warn), test_size)
     console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
                   f"({result.correct:,} of {result.total:,} correct)")
-    table = Table(title="confusion matrix (rows: true digit, columns: predicted)")
-    table.add_column("true", justify="right")
-    for digit in range(10):
-        table.add_column(str(digit), justify="right")
-    for digit, row in enumerate(result.confusion_matrix()):
-        table.add_row(str(digit), *[f"[bold]{v}[/]" if i == digit else (str(v) if v else "·")
-                                    for i, v in enumerate(row)])
-    console.print(table)
+    console.print(confusion_table(result))
 
 
 @app.command()
@@ -179,27 +197,17 @@ def evaluate(path: Annotated[Path, typer.Argument(help="A model.keras file, or a
 def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(help="Images in the probe batch.")] = 32,
             groups: Groups = DEFAULTS.groups, data_dir: DataDir = None):
     """Run each variant's norm layers on a real batch and show what they compute."""
-    from rich.table import Table
-
     from normtf import data as mnist
-    from normtf.console import console, warn
+    from normtf.console import console, explain_table, warn
     from normtf.explain import explain as explain_norm
 
     if batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 to show batch statistics (got {batch_size})")
     dataset = mnist.load_mnist(data_dir, warn=warn)
-    images = next(iter(mnist.test_dataset(dataset.x_test[:batch_size], dataset.y_test[:batch_size], batch_size)))[0]
+    images = mnist.normalized(dataset.x_test[:batch_size])
     for name in [n.value for n in norm] if norm else list(NORMS):
-        table = Table(title=f"{name}: a batch of {batch_size} test images through a freshly built model")
-        for column in ["layer", "input (N,H,W,C)", "normalizes over", "means = variances", "trainable",
-                       "non-trainable", "differs at test time"]:
-            table.add_column(column)
-        for r in explain_norm(name, images.numpy(), TrainConfig(norm=name, groups=groups)):
-            table.add_row(r.layer, "×".join(map(str, r.input_shape)), r.reduces_over, str(r.statistics),
-                          f"{r.trainable:,}", f"{r.non_trainable:,}",
-                          f"yes (moving statistics; up to {r.test_time_max_change:.2f} apart)"
-                          if r.test_time_differs else "no")
-        console.print(table)
+        reports = explain_norm(name, images, TrainConfig(norm=name, groups=groups))
+        console.print(explain_table(name, batch_size, reports))
 
 
 @app.command()

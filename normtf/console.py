@@ -82,3 +82,43 @@ def results_table(results, title: str = "Results") -> Table:
 
 def norms_help() -> str:
     return "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())
+
+
+def sweep_table(summary: dict) -> Table:
+    """Test error (%) with batch sizes down and variants across."""
+    norms = list(dict.fromkeys(row["norm"] for row in summary["rows"]))
+    table = Table(title=f"Test error (%) after {summary['budget']['epochs']} epochs of "
+                        f"{summary['budget']['train_size']:,} images")
+    table.add_column("batch size", justify="right")
+    for norm in norms:
+        table.add_column(norm, justify="right")
+    errors = {(row["norm"], row["batch_size"]): row for row in summary["rows"]}
+    for size in sorted({row["batch_size"] for row in summary["rows"]}):
+        cells = [errors.get((norm, size)) for norm in norms]
+        table.add_row(str(size), *["-" if c is None else "failed" if c["status"] != "finished"
+                                   else f"{c['test_error_percent']:.2f}" for c in cells])
+    return table
+
+
+def confusion_table(evaluation) -> Table:
+    table = Table(title="confusion matrix (rows: true digit, columns: predicted)")
+    table.add_column("true", justify="right")
+    for digit in range(10):
+        table.add_column(str(digit), justify="right")
+    for digit, row in enumerate(evaluation.confusion_matrix()):
+        table.add_row(str(digit), *[f"[bold]{v}[/]" if i == digit else (str(v) if v else "·")
+                                    for i, v in enumerate(row)])
+    return table
+
+
+def explain_table(norm: str, batch_size: int, reports) -> Table:
+    table = Table(title=f"{norm}: a batch of {batch_size} test images through a freshly built model")
+    for column in ["layer", "input (N,H,W,C)", "normalizes over", "means = variances", "trainable",
+                   "non-trainable", "differs at test time"]:
+        table.add_column(column)
+    for r in reports:
+        table.add_row(r.layer, "×".join(map(str, r.input_shape)), r.reduces_over, str(r.statistics),
+                      f"{r.trainable:,}", f"{r.non_trainable:,}",
+                      f"yes (moving statistics; up to {r.test_time_max_change:.2f} apart)"
+                      if r.test_time_differs else "no")
+    return table

@@ -221,6 +221,11 @@ def _normalize(images):
     return (tf.cast(images, tf.float32)[..., None] / 255.0 - MEAN) / STD
 
 
+def normalized(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> the float32 (N, 28, 28, 1) the model sees, exactly as the pipeline makes it."""
+    return _normalize(images).numpy()
+
+
 def _rotate(images, seed, max_degrees: float):
     """Rotate each image by its own angle, uniform in +-max_degrees, nearest pixel, black fill
     (torchvision RandomRotation's defaults, as in the reference)."""

@@ -8,7 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402  (after choosing the headless backend)
+from matplotlib import ticker  # noqa: E402  (after choosing the headless backend)
+from matplotlib.figure import Figure  # noqa: E402
 
 from normtf.runs import atomic_write  # noqa: E402
 
@@ -58,7 +59,7 @@ def _accuracy_floor(runs: dict[str, dict], key: str) -> float:
 def plot_misclassified(images, labels, predictions, confidences, path: Path, title: str, columns: int = 5) -> Path:
     """A grid of digits, each titled with its true label, the prediction and the model's confidence."""
     rows = max(1, -(-len(images) // columns))
-    figure = Figure(figsize=(2.1 * columns, 2.4 * rows + 0.6))
+    figure = Figure(figsize=(2.8 * columns, 2.9 * rows + 0.6))
     axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -68,4 +69,28 @@ def plot_misclassified(images, labels, predictions, confidences, path: Path, tit
     if len(images) == 0:
         axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     figure.suptitle(title, fontsize=12)
+    return save(figure, path)
+
+
+def plot_sweep(lines: dict[str, dict], path: Path, title: str) -> Path:
+    """Test error against batch size (log2 axis), one line per variant, as in Wu & He's figure 1.
+
+    `lines` maps a norm name to {"label", "color", "batch_sizes": [...], "errors": [percent, ...]}.
+    """
+    figure = Figure(figsize=(8, 5.5))
+    ax = figure.subplots()
+    for line in lines.values():
+        ax.plot(line["batch_sizes"], line["errors"], marker="o", linewidth=1.8, color=line["color"],
+                label=line["label"])
+    ax.set_xscale("log", base=2)
+    sizes = sorted({size for line in lines.values() for size in line["batch_sizes"]})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("Batch size (images per step, log scale)")
+    ax.set_ylabel("Test error (%, log scale)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(title, fontsize=11)
     return save(figure, path)

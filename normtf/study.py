@@ -83,3 +83,19 @@ def stored_results(norms: list[str], runs_dir: Path) -> list[TrainResult]:
         raise NormtfError(f"no trained run in {runs_dir} for {', '.join(norms)}; "
                           "train first: normtf compare --all (or normtf train --norm <norm>)")
     return found
+
+
+def draw_sweep(summary: dict, path: Path) -> Path:
+    lines = {}
+    for row in summary["rows"]:
+        if row["status"] != "finished":
+            continue
+        line = lines.setdefault(row["norm"], {"label": get_norm(row["norm"]).label, "color": color(row["norm"]),
+                                              "batch_sizes": [], "errors": []})
+        line["batch_sizes"].append(row["batch_size"])
+        line["errors"].append(row["test_error_percent"])
+    budget = summary["budget"]
+    lr = (f"lr scaled linearly from batch {summary['reference_batch']}" if summary["lr_scaled"]
+          else "same lr at every batch size")
+    title = f"Test error vs batch size: {budget['epochs']} epochs of {budget['train_size']:,} MNIST images, {lr}"
+    return figures.plot_sweep(lines, path, title)

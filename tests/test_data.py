@@ -120,3 +120,8 @@ def test_train_pipeline_rotates_shuffles_and_replays_an_epoch_exactly(dataset):
     background = -mnist.MEAN / mnist.STD
     ink = lambda v: (v > background + 1e-3).sum(axis=(1, 2, 3))  # noqa: E731
     assert np.abs(ink(a) - ink(b)).mean() / ink(a).mean() < 0.1  # a small rotation keeps the digit
+
+
+def test_normalized_is_what_the_test_pipeline_yields(dataset):
+    x, _ = next(iter(mnist.test_dataset(dataset.x_test[:64], dataset.y_test[:64], 64)))
+    np.testing.assert_array_equal(mnist.normalized(dataset.x_test[:64]), x.numpy())
