@@ -63,8 +63,25 @@ Strategy = Annotated[str, typer.Option(
     help="default (one device), mirrored (all local GPUs) or multi-worker (machines named by TF_CONFIG); "
          "the batch is split over the replicas.")]
 SyncBn = Annotated[bool, typer.Option("--sync-bn", help="Batch norm statistics over the global batch of all replicas.")]
+Seeds = Annotated[Optional[str], typer.Option(
+    help="Several seeds, one run each under <runs-dir>/<norm>/seed-<s>/: a list (42,43,44) or a count (3: "
+         "--seed and the next two).")]
 Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished run with these settings exists.")]
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
+
+
+def _seeds(text: str | None, first: int) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds takes a count or seeds separated by commas (got {text!r})") from None
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise UsageError(f"--seeds must be at least 1 (got {values[0]})")
+        return list(range(first, first + values[0]))
+    return list(dict.fromkeys(values))
 
 
 def _config(parameters: dict, **overrides) -> TrainConfig:
@@ -93,19 +110,21 @@ def train(norm: Annotated[NormName, typer.Option(help="Normalization variant.")]
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
           train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
           jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
-          strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
+          seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
           data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False):
     """Train one variant into <runs-dir>/<norm>/; run it again to resume an interrupted run."""
+    from normtf import study
     from normtf.console import EpochProgress, console, results_table, warn
-    from normtf.training import train as train_run
 
     config = _config(locals(), norm=norm.value)
-    result = train_run(config, runs_dir, data_dir=data_dir, callbacks=[EpochProgress(config.norm)],
-                       tensorboard=tensorboard, force=force, warn=warn)
-    if result.reused:
-        console.print(f"{result.run.path} already holds this finished run (use --force to retrain).")
-    console.print(results_table([result], title=f"{config.norm}: {result.metrics['trainable_params']:,} "
-                                                f"trainable parameters, files in {result.run.path}"))
+    results = study.compare([config.norm], config, runs_dir, _seeds(seeds, seed), force=force, data_dir=data_dir,
+                            tensorboard=tensorboard, warn=warn,
+                            callbacks_for=lambda c: [EpochProgress(f"{c.norm} seed {c.seed}" if seeds else c.norm)])
+    for result in results:
+        if result.reused:
+            console.print(f"{result.run.path} already holds this finished run (use --force to retrain).")
+    console.print(results_table(results, title=f"normtf train {config.norm}"))
+    console.print("files in " + ", ".join(str(r.run.path) for r in results))
 
 
 @app.command()
@@ -116,7 +135,7 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
             groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
             train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
             jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
-            strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
+            seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
             img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
     """Train several variants in turn (finished runs are reused), then draw their curves and mistakes."""
     from normtf import study
@@ -126,8 +145,8 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
     if not norms:
         raise UsageError("name the variants with --norm (repeatable) or use --all")
     config = _config(locals(), norm=norms[0])
-    results = study.compare(norms, config, runs_dir, callbacks_for=lambda n: [EpochProgress(n)], force=force,
-                            data_dir=data_dir, warn=warn)
+    results = study.compare(norms, config, runs_dir, _seeds(seeds, seed), force=force, data_dir=data_dir, warn=warn,
+                            callbacks_for=lambda c: [EpochProgress(f"{c.norm} seed {c.seed}" if seeds else c.norm)])
     console.print(results_table(results, title="normtf compare"))
     written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
                *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import keras
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -61,23 +63,39 @@ class EpochProgress(keras.callbacks.Callback):
 
 
 def results_table(results, title: str = "Results") -> Table:
-    """One row per run: params, final/best test accuracy, final test loss, mean epoch time."""
+    """One row per variant: params, final/best test accuracy (mean ± std over seeds), loss, time."""
+    from normtf.study import by_norm
+
     table = Table(title=title)
-    for column in ["variant", "params", "final test acc", "best test acc (epoch)", "final test loss",
+    for column in ["variant", "params", "seeds", "final test acc", "best test acc (epoch)", "final test loss",
                    "s / epoch", "status"]:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right")
-    for result in results:
-        m = result.metrics or {}
-        status = m.get("status", "?")
-        if status == "failed":
-            failure = m["failure"]
-            table.add_row(result.config.norm, f"{m.get('trainable_params', 0):,}", "-", "-", "-", "-",
-                          f"[red]failed[/] (non-finite loss, epoch {failure['epoch']} step {failure['step']})")
+    for norm, group in by_norm(results).items():
+        done = [r.metrics for r in group if r.metrics.get("status") == "finished"]
+        failed = [r.metrics["failure"] for r in group if r.metrics.get("status") == "failed"]
+        status = "reused" if all(r.reused for r in group) else "trained"
+        if failed:
+            status = "; ".join(f"[red]failed[/] (non-finite loss, epoch {f['epoch']} step {f['step']})" for f in failed)
+        seeds = ", ".join(str(r.config.seed) for r in group)
+        if not done:
+            table.add_row(norm, f"{group[0].metrics.get('trainable_params', 0):,}", seeds, "-", "-", "-", "-", status)
             continue
-        table.add_row(result.config.norm, f"{m['trainable_params']:,}", percent(m["final_test_accuracy"]),
-                      f"{percent(m['best_test_accuracy'])} ({m['best_epoch']})", f"{m['final_test_loss']:.4f}",
-                      f"{m['mean_epoch_time']:.1f}", "reused" if result.reused else "trained")
+        epochs = ", ".join(str(m["best_epoch"]) for m in done)
+        table.add_row(norm, f"{done[0]['trainable_params']:,}", seeds,
+                      _spread([m["final_test_accuracy"] for m in done], percent=True),
+                      f"{_spread([m['best_test_accuracy'] for m in done], percent=True)} ({epochs})",
+                      _spread([m["final_test_loss"] for m in done]),
+                      f"{sum(m['mean_epoch_time'] for m in done) / len(done):.1f}", status)
     return table
+
+
+def _spread(values: list[float], percent: bool = False) -> str:
+    """One value as it is; several as mean ± sample standard deviation."""
+    scale, unit, digits = (100, "%", 2) if percent else (1, "", 4)
+    mean = scale * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{unit}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}{unit}"
 
 
 def norms_help() -> str:

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 from matplotlib import ticker  # noqa: E402  (after choosing the headless backend)
@@ -24,7 +25,8 @@ def save(figure: Figure, path: Path) -> Path:
 def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
     """Test (top row) and train (bottom row) loss and accuracy per epoch, all variants on shared axes.
 
-    `runs` maps a norm name to {"label": legend text, "color": a matplotlib color, "history": [epoch records]}.
+    `runs` maps a norm name to {"label", "color", "histories": [one list of epoch records per seed]};
+    several histories are drawn as their mean with a min-max band.
     """
     figure = Figure(figsize=(12, 8.5))
     axes = figure.subplots(2, 2, sharex=True)
@@ -33,9 +35,13 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
               ("train_accuracy", "Train accuracy (%, running mean, augmented)", True)]
     for ax, (key, label, percent) in zip(axes.flat, panels):
         for run in runs.values():
-            epochs = [r["epoch"] for r in run["history"]]
-            values = [r[key] * (100 if percent else 1) for r in run["history"]]
-            ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6, color=run["color"], label=run["label"])
+            length = min(len(h) for h in run["histories"])
+            epochs = np.arange(1, length + 1)
+            values = np.array([[r[key] for r in h[:length]] for h in run["histories"]]) * (100 if percent else 1)
+            ax.plot(epochs, values.mean(axis=0), marker="o", markersize=3, linewidth=1.6, color=run["color"],
+                    label=run["label"])
+            if len(values) > 1:
+                ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=run["color"], alpha=0.2)
         ax.set_title(label)
         ax.set_ylabel(label.split(" (")[0].replace("Test ", "").replace("Train ", "").capitalize())
         ax.grid(alpha=0.3)
@@ -52,7 +58,7 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
 
 def _accuracy_floor(runs: dict[str, dict], key: str) -> float:
     """A lower y-limit that shows every point but zooms in on the interesting top of the range."""
-    lowest = min((r[key] * 100 for run in runs.values() for r in run["history"]), default=90)
+    lowest = min((r[key] * 100 for run in runs.values() for h in run["histories"] for r in h), default=90)
     return max(0.0, min(95.0, lowest - 0.5))
 
 

@@ -1,6 +1,6 @@
 """A run directory on disk: which files it holds, written whole or not at all, and its lock.
 
-runs/<norm>/ holds config.json, history.json, history.csv, metrics.json, model.keras, and while a
+runs/<norm>/ (runs/<norm>/seed-<s>/ for multi-seed studies) holds config.json, history.json, history.csv, metrics.json, model.keras, and while a
 run is unfinished, checkpoint/ (the last finished epoch's weights and optimizer state).
 """
 
@@ -51,7 +51,7 @@ def read_json(path: Path):
     """The parsed file, or None if it is missing. A truncated or corrupt file is a CorruptFile error."""
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptFile(f"{path} is truncated or corrupt ({e}); the run is treated as unfinished") from e
@@ -71,6 +71,12 @@ class RunDir:
         self.model = self.path / "model.keras"
         self.checkpoint_dir = self.path / "checkpoint"
         self.lock_file = self.path / ".lock"
+
+    @classmethod
+    def for_config(cls, runs_dir: Path | str, config: TrainConfig, per_seed: bool = False) -> RunDir:
+        """<runs-dir>/<norm>/, or <runs-dir>/<norm>/seed-<seed>/ when a study runs several seeds."""
+        path = Path(runs_dir) / config.norm
+        return cls(path / f"seed-{config.seed}" if per_seed else path)
 
     def __repr__(self):
         return f"RunDir({str(self.path)!r})"

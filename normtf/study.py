@@ -13,18 +13,28 @@ from normtf.runs import CorruptFile, RunDir
 from normtf.training import TrainResult, train
 
 
-def compare(norms: list[str], config: TrainConfig, runs_dir: Path, callbacks_for=lambda norm: (),
-            force: bool = False, data_dir: Path | None = None, warn=lambda message: None) -> list[TrainResult]:
-    """Train each variant in turn (reusing finished runs with the same settings)."""
+def compare(norms: list[str], config: TrainConfig, runs_dir: Path, seeds: list[int] | None = None,
+            callbacks_for=lambda config: (), force: bool = False, data_dir: Path | None = None,
+            tensorboard: bool = False, warn=lambda message: None) -> list[TrainResult]:
+    """Train each variant in turn, once per seed if `seeds` (reusing finished runs with the same settings)."""
     dataset = None
     results = []
     for norm in norms:
-        run_config = config.replace(norm=norm)
-        if RunDir(Path(runs_dir) / norm).status(run_config) != "finished" or force:
-            dataset = dataset or mnist.load_mnist(data_dir, warn=warn)
-        results.append(train(run_config, runs_dir, dataset=dataset, callbacks=callbacks_for(norm),
-                             force=force, warn=warn))
+        for seed in seeds or [config.seed]:
+            run_config = config.replace(norm=norm, seed=seed)
+            if force or RunDir.for_config(runs_dir, run_config, bool(seeds)).status(run_config) != "finished":
+                dataset = dataset or mnist.load_mnist(data_dir, warn=warn)
+            results.append(train(run_config, runs_dir, dataset=dataset, callbacks=callbacks_for(run_config),
+                                 tensorboard=tensorboard, force=force, per_seed=bool(seeds), warn=warn))
     return results
+
+
+def by_norm(results: list[TrainResult]) -> dict[str, list[TrainResult]]:
+    """Results grouped by variant, in the order they came."""
+    groups: dict[str, list[TrainResult]] = {}
+    for result in results:
+        groups.setdefault(result.config.norm, []).append(result)
+    return groups
 
 
 def color(norm: str) -> str:
@@ -44,22 +54,27 @@ def load_result(run: RunDir) -> TrainResult | None:
 
 
 def draw_curves(results: list[TrainResult], path: Path) -> Path | None:
-    finished = [r for r in results if r.metrics.get("status") == "finished"]
-    if not finished:
+    """All finished variants on shared axes; with several seeds, their mean and min-max band."""
+    groups = by_norm([r for r in results if r.metrics.get("status") == "finished"])
+    if not groups:
         return None
-    c = finished[0].config
+    c = next(iter(groups.values()))[0].config
+    seeds = sorted({r.config.seed for group in groups.values() for r in group})
     size = f"{c.train_size:,}" if c.train_size else "60,000"
     title = (f"MNIST, {size} training images, batch {c.batch_size}, SGD lr {c.lr} momentum {c.momentum}, "
-             f"seed {c.seed}  (normtf)")
-    runs = {r.config.norm: {"label": f"{get_norm(r.config.norm).label} ({r.metrics['trainable_params']:,} params)",
-                            "color": color(r.config.norm), "history": r.history} for r in finished}
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}  (normtf)")
+    runs = {}
+    for norm, group in groups.items():
+        spread = f", mean of {len(group)} seeds, band min-max" if len(group) > 1 else ""
+        runs[norm] = {"label": f"{get_norm(norm).label} ({group[0].metrics['trainable_params']:,} params{spread})",
+                      "color": color(norm), "histories": [r.history for r in group]}
     return figures.plot_curves(runs, path, title)
 
 
 def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir: Path | None = None,
             warn=lambda message: None) -> list[Path]:
-    """For each finished run, the first `count` misclassified test images as a grid."""
-    finished = [r for r in results if r.metrics.get("status") == "finished"]
+    """For each variant's (first) finished run, the first `count` misclassified test images as a grid."""
+    finished = [group[0] for group in by_norm([r for r in results if r.metrics.get("status") == "finished"]).values()]
     if not finished:
         return []
     dataset = mnist.load_mnist(data_dir, warn=warn)
@@ -77,25 +92,13 @@ def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir
 
 
 def stored_results(norms: list[str], runs_dir: Path) -> list[TrainResult]:
-    results = [load_result(RunDir(Path(runs_dir) / norm)) for norm in norms]
-    found = [r for r in results if r is not None]
-    if not found:
+    """The stored runs of these variants: <runs-dir>/<norm>/, else its seed-<s>/ runs."""
+    results = []
+    for norm in norms:
+        single = load_result(RunDir(Path(runs_dir) / norm))
+        seeded = [load_result(RunDir(p)) for p in sorted(Path(runs_dir, norm).glob("seed-*"))]
+        results += [single] if single else [r for r in seeded if r]
+    if not results:
         raise NormtfError(f"no trained run in {runs_dir} for {', '.join(norms)}; "
                           "train first: normtf compare --all (or normtf train --norm <norm>)")
-    return found
-
-
-def draw_sweep(summary: dict, path: Path) -> Path:
-    lines = {}
-    for row in summary["rows"]:
-        if row["status"] != "finished":
-            continue
-        line = lines.setdefault(row["norm"], {"label": get_norm(row["norm"]).label, "color": color(row["norm"]),
-                                              "batch_sizes": [], "errors": []})
-        line["batch_sizes"].append(row["batch_size"])
-        line["errors"].append(row["test_error_percent"])
-    budget = summary["budget"]
-    lr = (f"lr scaled linearly from batch {summary['reference_batch']}" if summary["lr_scaled"]
-          else "same lr at every batch size")
-    title = f"Test error vs batch size: {budget['epochs']} epochs of {budget['train_size']:,} MNIST images, {lr}"
-    return figures.plot_sweep(lines, path, title)
+    return results

@@ -196,10 +196,11 @@ def _clear(run: RunDir) -> None:
 
 def train(config: TrainConfig, runs_dir: Path | str = "runs", dataset: mnist.Mnist | None = None,
           data_dir: Path | None = None, callbacks=(), tensorboard: bool = False, force: bool = False,
-          warn=lambda message: None) -> TrainResult:
-    """Train `config.norm` into runs_dir/<norm>/, resuming or reusing what is already there."""
+          per_seed: bool = False, warn=lambda message: None) -> TrainResult:
+    """Train `config.norm` into runs_dir/<norm>/ (per_seed: .../seed-<seed>/), resuming or reusing
+    what is already there."""
     config.validate()
-    run = RunDir(Path(runs_dir) / config.norm)
+    run = RunDir.for_config(runs_dir, config, per_seed)
     with run.locked():
         action, history = _start_state(run, config, force, warn)
         if action == "reuse":

@@ -144,3 +144,23 @@ def test_compare_shows_a_diverged_run_as_failed(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "failed (non-finite loss, epoch 1 step" in result.output and "no figures" in result.output
     assert not (tmp_path / "loss_accuracy.png").exists()
+
+
+def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
+    monkeypatch.setattr(console, "width", 200)
+    runs, img = tmp_path / "runs", tmp_path / "img"
+    result = run("compare", "--norm", "group", "--norm", "batch", "--seeds", "2", *TINY, "--runs-dir", runs,
+                 "--img-dir", img)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (runs / "group").iterdir()) == ["seed-42", "seed-43"]
+    assert (runs / "batch" / "seed-43" / "metrics.json").is_file()
+    assert result.output.count("±") >= 6 and "42, 43" in result.output
+    assert (img / "loss_accuracy.png").is_file() and (img / "misclassified_GroupNorm.png").is_file()
+    result = run("train", "--norm", "group", "--seeds", "42,43", *TINY, "--runs-dir", runs)
+    assert result.exit_code == 0 and result.output.count("already holds this finished run") == 2
+
+
+@pytest.mark.parametrize("seeds", ["0", "4x", "1,,2"])
+def test_bad_seeds_are_usage_errors(seeds):
+    result = run("train", "--seeds", seeds)
+    assert result.exit_code == 2 and "--seeds" in result.output
