@@ -137,6 +137,6 @@ def explain_table(norm: str, batch_size: int, reports) -> Table:
     for r in reports:
         table.add_row(r.layer, "×".join(map(str, r.input_shape)), r.reduces_over, str(r.statistics),
                       f"{r.trainable:,}", f"{r.non_trainable:,}",
-                      f"yes (moving statistics; up to {r.test_time_max_change:.2f} apart)"
+                      f"yes: moving statistics (max |Δ| {r.test_time_max_change:.2f})"
                       if r.test_time_differs else "no")
     return table

@@ -36,7 +36,7 @@ def _partitions(shape, channels_divisors):
     yield "N, H, W (per channel)", lambda y: y.transpose(3, 0, 1, 2).reshape(c, -1)
     yield "H, W, C (per sample)", lambda y: y.reshape(n, -1)
     for g in channels_divisors:
-        yield (f"H, W, C/{g} (per sample and group of {c // g} channels)",
+        yield (f"H, W, {c // g} of {c} channels (per sample and group)",
                lambda y, g=g: y.reshape(n, h * w, g, c // g).transpose(0, 2, 1, 3).reshape(n * g, -1))
 
 

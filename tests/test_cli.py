@@ -128,8 +128,8 @@ def test_explain_prints_the_statistics_of_each_norm_layer(monkeypatch):
     result = run("explain", "--norm", "group", "--norm", "batch", "--batch-size", "16")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "per sample and group of 7 channels" in text and "per channel" in text
-    assert "yes (moving statistics" in text
+    assert "H, W, 7 of 14 channels (per sample and group)" in text and "N, H, W (per channel)" in text
+    assert "yes: moving statistics" in text
 
 
 def test_diagrams_are_drawn(tmp_path):

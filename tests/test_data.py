@@ -57,6 +57,14 @@ def test_user_dir_problems_are_clear_errors(dataset, mnist_dir, tmp_path):
     (mismatched / "t10k-labels-idx1-ubyte").write_bytes(mnist.idx_bytes(dataset.y_test[:150]))
     with pytest.raises(DataError, match="disagree"):
         mnist.load_mnist(mismatched)
+    wrong_magic = small_idx_dir(dataset, tmp_path / "magic")
+    labels = wrong_magic / "train-labels-idx1-ubyte"
+    labels.write_bytes(b"\x00\x00\x08\x03" + labels.read_bytes()[4:])
+    with pytest.raises(DataError, match=f"{labels} is truncated"):
+        mnist.load_mnist(wrong_magic)  # a label file claiming to hold 3-D images
+    (wrong_magic / "train-labels-idx1-ubyte").write_bytes(b"GIF89a" + b"\x00" * 600)
+    with pytest.raises(DataError, match="is not an unsigned-byte IDX file"):
+        mnist.load_mnist(wrong_magic)
     truncated = small_idx_dir(dataset, tmp_path / "truncated")
     path = truncated / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
