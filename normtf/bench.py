@@ -24,8 +24,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from normtf.config import NormtfError, TrainConfig, UsageError
-from normtf.runs import write_json
+from normtf.config import TrainConfig
+from normtf.errors import NormtfError, UsageError
+from normtf.files import write_json
 
 EPOCH_IMAGES = 60_000  # one epoch of MNIST's training set
 # (warm-up steps, timed steps per repeat). Most of a worker's time is fixed (imports, tracing), so
@@ -46,7 +47,8 @@ def run_benchmark(norms: list[str], repeats: int = 3, quick: bool = False, steps
     for norm in norms:
         get_norm(norm)
     if reference and importlib.util.find_spec("torch") is None:
-        import normtf.torch_reference  # noqa: F401  raises NormtfError with the install hint
+        raise NormtfError("PyTorch is not installed: pip install -e '.[bench]' (torch==2.13.0), "
+                          "or run with --no-reference")
     window = {"steps": steps, "warmup": warmup, "repeats": repeats}
     settings = {**window, "evals": 1 if quick else repeats, "quick": quick, "reference": reference,
                 "batch_size": TrainConfig().batch_size}
@@ -162,30 +164,29 @@ def flops_per_image(model) -> int:
 def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int) -> dict:
     """normtf's training step as `normtf train` runs it, then `evals` timed 10k-image evaluations.
 
-    The timing callback, like `normtf train`'s own per-step callback, makes fit wait for every
-    step, so the timed loop is the one training runs."""
+    The timing callback sees what `normtf train`'s own callbacks see, once per execution of
+    `steps_per_execution` steps, so the timed loop is the one training runs."""
     import keras
 
     from normtf import data as mnist
-    from normtf.models import build_model
-    from normtf.training import EVAL_BATCH, compile_model, resolve_device, set_seed
+    from normtf.training import EVAL_BATCH, prepare
 
     config = TrainConfig(norm=norm)
-    device = resolve_device(config)
-    keras.mixed_precision.set_global_policy(device.precision)
-    set_seed(config.seed)
-    model = compile_model(build_model(norm, config), config, device.jit)
     data = mnist.load_mnist()
     n, batch = len(data.y_train), config.batch_size
     per_epoch, total = mnist.steps_per_epoch(n, batch), warmup + repeats * steps
+    model, _, _ = prepare(config, per_epoch)
     train = mnist.train_dataset(data.x_train, data.y_train, batch, config.seed, config.rotation, 0,
                                 -(-total // per_epoch))
-    times = []
-    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda step, logs: times.append(time.perf_counter()))
+    marks = []  # (last step of an execution, when it ended): Keras reports every `steps_per_execution`
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda step, logs: marks.append((step, time.perf_counter())))
     model.fit(train, epochs=1, steps_per_epoch=total, callbacks=[clock], verbose=0)
-    sizes = [min(batch, n - (step % per_epoch) * batch) for step in range(total)]  # last batch is short
-    starts = [warmup - 1 + k * steps for k in range(repeats)]  # the step whose end starts each window
-    rates = [sum(sizes[s + 1:s + 1 + steps]) / (times[s + steps] - times[s]) for s in starts]
+    sizes = [min(batch, n - (step % per_epoch) * batch) for step in range(total + per_epoch)]  # short last batch
+    rates = []
+    for k in range(repeats):
+        first = next(m for m in marks if m[0] >= warmup - 1 + k * steps)
+        last = next(m for m in marks if m[0] >= first[0] + steps)
+        rates.append(sum(sizes[first[0] + 1:last[0] + 1]) / (last[1] - first[1]))
 
     test = mnist.test_dataset(data.x_test, data.y_test, EVAL_BATCH)
     model.evaluate(test, verbose=0)  # warm-up: traces the test step and fills the dataset cache

@@ -13,7 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 
 import typer  # noqa: E402
 
-from normtf.config import NormtfError, TrainConfig, UsageError  # noqa: E402
+from normtf import config as defaults  # noqa: E402
+from normtf.config import TrainConfig  # noqa: E402
+from normtf.errors import Interrupted, NormtfError, UsageError  # noqa: E402
 from normtf.norms import NORMS  # noqa: E402
 
 app = typer.Typer(help="normtf: batch, layer and group normalization on an MNIST CNN, measured and drawn.",
@@ -28,13 +30,20 @@ def friendly(command):
     def wrapper(*args, **kwargs):
         from normtf.console import err_console
 
+        def fail(message: str, code: int):
+            err_console.print(message, highlight=False, soft_wrap=True)
+            raise typer.Exit(code)
+
         try:
             return command(*args, **kwargs)
+        except Interrupted as e:
+            fail(f"[yellow]{e}[/]", 130)
+        except KeyboardInterrupt:
+            fail("[yellow]interrupted[/]; finished runs and epochs are kept", 130)
         except NormtfError as e:
-            interrupted = type(e).__name__ == "Interrupted"
-            err_console.print(f"[{'yellow' if interrupted else 'red'}]{'' if interrupted else 'error: '}[/]{e}",
-                              highlight=False, soft_wrap=True)
-            raise typer.Exit(130 if interrupted else 2 if isinstance(e, UsageError) else 1) from None
+            fail(f"[red]error:[/] {e}", 2 if isinstance(e, UsageError) else 1)
+        except OSError as e:  # a full disk, a read-only directory: say which file, keep it short
+            fail(f"[red]error:[/] {e.strerror or e} ({e.filename or 'no file name'}); nothing finished was lost", 1)
     return wrapper
 
 
@@ -49,7 +58,7 @@ Lr = Annotated[float, typer.Option(help="SGD learning rate.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
 Dropout = Annotated[float, typer.Option(help="Dropout rate after every norm layer, in [0, 1).")]
 L1 = Annotated[float, typer.Option("--l1", help="L1 penalty on conv kernels (batch-l1 only).")]
-Groups = Annotated[int, typer.Option(help="Groups for group norm; must divide 12, 14 and 28.")]
+Groups = Annotated[int, typer.Option(help="Groups for group norm; must divide every block's channel count.")]
 Rotation = Annotated[float, typer.Option(help="Random rotation of training images, +- degrees.")]
 Seed = Annotated[int, typer.Option(help="One seed for Python, NumPy and TensorFlow.")]
 TrainSize = Annotated[Optional[int], typer.Option(help="Train on a seeded class-stratified subset of N images.")]
@@ -84,6 +93,23 @@ def _seeds(text: str | None, first: int) -> list[int] | None:
     return list(dict.fromkeys(values))
 
 
+def _progress(with_seed: bool):
+    from normtf.console import EpochProgress
+
+    return lambda c: [EpochProgress(f"{c.norm} seed {c.seed}" if with_seed else c.norm)]
+
+
+def _writable(directory: Path) -> Path:
+    """Fail now, not after an hour of training, if figures cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / ".normtf-write-test").touch()
+        (directory / ".normtf-write-test").unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to {directory}: {e.strerror}; choose another --img-dir") from None
+    return directory
+
+
 def _config(parameters: dict, **overrides) -> TrainConfig:
     """The TrainConfig of a command whose parameters carry the dataclass's field names."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
@@ -114,16 +140,15 @@ def train(norm: Annotated[NormName, typer.Option(help="Normalization variant.")]
           data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False):
     """Train one variant into <runs-dir>/<norm>/; run it again to resume an interrupted run."""
     from normtf import study
-    from normtf.console import EpochProgress, console, results_table, warn
+    from normtf.console import console, results_table, warn
 
     config = _config(locals(), norm=norm.value)
-    results = study.compare([config.norm], config, runs_dir, _seeds(seeds, seed), force=force, data_dir=data_dir,
-                            tensorboard=tensorboard, warn=warn,
-                            callbacks_for=lambda c: [EpochProgress(f"{c.norm} seed {c.seed}" if seeds else c.norm)])
+    results = study.compare([config.norm], config, runs_dir, _seeds(seeds, seed), _progress(bool(seeds)), force,
+                            data_dir, tensorboard, warn)
     for result in results:
         if result.reused:
             console.print(f"{result.run.path} already holds this finished run (use --force to retrain).")
-    console.print(results_table(results, title=f"normtf train {config.norm}"))
+    console.print(results_table(study.by_norm(results), title=f"normtf train {config.norm}"))
     console.print("files in " + ", ".join(str(r.run.path) for r in results))
 
 
@@ -136,18 +161,20 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
             train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
             jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
             seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
-            img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
+            img_dir: ImgDir = Path("img"), data_dir: DataDir = None, tensorboard: Tensorboard = False,
+            force: Force = False):
     """Train several variants in turn (finished runs are reused), then draw their curves and mistakes."""
     from normtf import study
-    from normtf.console import EpochProgress, console, results_table, warn
+    from normtf.console import console, results_table, warn
 
     norms = list(NORMS) if all_ else [n.value for n in norm or []]
     if not norms:
         raise UsageError("name the variants with --norm (repeatable) or use --all")
     config = _config(locals(), norm=norms[0])
-    results = study.compare(norms, config, runs_dir, _seeds(seeds, seed), force=force, data_dir=data_dir, warn=warn,
-                            callbacks_for=lambda c: [EpochProgress(f"{c.norm} seed {c.seed}" if seeds else c.norm)])
-    console.print(results_table(results, title="normtf compare"))
+    _writable(img_dir)
+    results = study.compare(norms, config, runs_dir, _seeds(seeds, seed), _progress(bool(seeds)), force, data_dir,
+                            tensorboard, warn)
+    console.print(results_table(study.by_norm(results), title="normtf compare"))
     written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
                *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]
     written = [str(path) for path in written if path]
@@ -157,28 +184,30 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
 @app.command()
 @friendly
 def sweep(norm: Norms = None,
-          batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "2,4,8,16,32,64,128",
-          epochs: Epochs = 2, train_size: TrainSize = 20_000, test_size: TestSize = None, lr: Lr = DEFAULTS.lr,
+          batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
+              map(str, defaults.SWEEP_BATCH_SIZES)),
+          epochs: Epochs = defaults.SWEEP_EPOCHS, train_size: TrainSize = defaults.SWEEP_TRAIN_SIZE,
+          test_size: TestSize = None, lr: Lr = DEFAULTS.lr,
           scale_lr: Annotated[bool, typer.Option(
               help=f"Scale the learning rate linearly with the batch size (--lr at batch {DEFAULTS.batch_size}).")] = True,
           seed: Seed = DEFAULTS.seed, groups: Groups = DEFAULTS.groups, runs_dir: RunsDir = Path("runs/sweep"),
           out: Annotated[Path, typer.Option(help="The sweep's table as JSON.")] = Path("results/sweep.json"),
-          img_dir: ImgDir = Path("img"), data_dir: DataDir = None):
+          img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
     """Train each variant at each batch size on the same image budget; plot test error vs batch size."""
-    from normtf import study
+    from normtf import sweep as sweeps
     from normtf.console import EpochProgress, console, sweep_table, warn
-    from normtf.sweep import run_sweep
 
     try:
         sizes = [int(size) for size in batch_sizes.split(",")]
     except ValueError:
         raise UsageError(f"--batch-sizes takes whole numbers separated by commas (got {batch_sizes!r})") from None
-    norms = [n.value for n in norm] if norm else ["batch", "layer", "group"]
-    summary = run_sweep(norms, sizes, _config(locals(), norm=norms[0]), scale_lr, runs_dir, out,
-                        callbacks_for=lambda c: [EpochProgress(f"{c.norm} batch {c.batch_size}")],
-                        data_dir=data_dir, warn=warn)
+    norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
+    _writable(img_dir)
+    summary = sweeps.run_sweep(norms, sizes, _config(locals(), norm=norms[0]), scale_lr, runs_dir, out,
+                               callbacks_for=lambda c: [EpochProgress(f"{c.norm} batch {c.batch_size}")],
+                               force=force, data_dir=data_dir, warn=warn)
     console.print(sweep_table(summary))
-    console.print(f"wrote {out} and {study.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
+    console.print(f"wrote {out} and {sweeps.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
 
 
 @app.command()
@@ -191,7 +220,7 @@ def gallery(norm: Norms = None, count: Annotated[int, typer.Option(help="Misclas
 
     if count < 1:
         raise UsageError(f"--count must be at least 1 (got {count})")
-    results = study.stored_results([n.value for n in norm] if norm else list(NORMS), runs_dir)
+    results = study.stored_results([n.value for n in norm] if norm else list(NORMS), runs_dir, warn)
     for path in study.gallery(results, img_dir, count, data_dir=data_dir, warn=warn):
         console.print(f"wrote {path}")
 
@@ -205,6 +234,8 @@ def evaluate(path: Annotated[Path, typer.Argument(help="A model.keras file, or a
     from normtf.data import load_mnist
     from normtf.evaluation import evaluate_file
 
+    if test_size is not None and test_size < 1:
+        raise UsageError(f"--test-size must be at least 1 (got {test_size})")
     result = evaluate_file(path, load_mnist(data_dir, warn=warn), test_size)
     console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
                   f"({result.correct:,} of {result.total:,} correct)")
@@ -216,16 +247,15 @@ def evaluate(path: Annotated[Path, typer.Argument(help="A model.keras file, or a
 def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(help="Images in the probe batch.")] = 32,
             groups: Groups = DEFAULTS.groups, data_dir: DataDir = None):
     """Run each variant's norm layers on a real batch and show what they compute."""
-    from normtf import data as mnist
     from normtf.console import console, explain_table, warn
-    from normtf.explain import explain as explain_norm
+    from normtf.data import load_mnist
+    from normtf.explain import explain_test_batch
 
     if batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 to show batch statistics (got {batch_size})")
-    dataset = mnist.load_mnist(data_dir, warn=warn)
-    images = mnist.normalized(dataset.x_test[:batch_size])
+    dataset = load_mnist(data_dir, warn=warn)
     for name in [n.value for n in norm] if norm else list(NORMS):
-        reports = explain_norm(name, images, TrainConfig(norm=name, groups=groups))
+        reports = explain_test_batch(TrainConfig(norm=name, groups=groups).validate(), dataset, batch_size)
         console.print(explain_table(name, batch_size, reports))
 
 
@@ -236,6 +266,8 @@ def diagrams(img_dir: ImgDir = Path("img"), groups: Groups = DEFAULTS.groups):
     from normtf.console import console
     from normtf.diagrams import draw_diagrams
 
+    if groups < 1:
+        raise UsageError(f"--groups must be at least 1 (got {groups})")
     for path in draw_diagrams(img_dir, groups):
         console.print(f"wrote {path}")
 

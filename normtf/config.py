@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
-
-class NormtfError(Exception):
-    """A problem the user can fix; the CLI prints its message as one line, never a traceback."""
-
-
-class UsageError(NormtfError):
-    """A bad setting or argument (exit code 2, like a command-line usage error)."""
+from normtf.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -73,10 +66,12 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_MODES = ("auto", "on", "off")
 STRATEGIES = ("default", "mirrored", "multi-worker")
+
+# The batch-size sweep's defaults (normtf sweep): the issue's budget of 2 epochs of 20,000 images.
+SWEEP_NORMS = ("batch", "layer", "group")
+SWEEP_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
+SWEEP_EPOCHS, SWEEP_TRAIN_SIZE = 2, 20_000

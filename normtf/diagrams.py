@@ -8,7 +8,6 @@ the whole depth. Built with the Figure API (no pyplot), so drawing touches no gl
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon
 
-from normtf.runs import atomic_write
+from normtf.figures import save
 
 KINDS = {
     "batch": ("Batch Norm", "BatchNorm.png",
@@ -105,10 +104,7 @@ def draw_diagram(kind: str, path: Path, groups: int = 2) -> Path:
     ax.set_title(title, fontsize=15, fontweight="bold", pad=6)
     fig.text(0.5, 0.01, caption, ha="center", va="center", fontsize=10, color="#333333", linespacing=1.4)
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight", pad_inches=0.12, facecolor="white")
-    atomic_write(path, buf.getvalue())
-    return path
+    return save(fig, path)
 
 
 def draw_diagrams(img_dir: Path = Path("img"), groups: int = 2) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from normtf import data as mnist
-from normtf.config import NormtfError
+from normtf.errors import NormtfError
 
 
 @dataclass
@@ -68,7 +68,7 @@ def evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 10
     return Evaluation(loss, correct / len(labels), correct, len(labels), np.exp(log_probs), labels.astype(int), images)
 
 
-def evaluate_file(path: Path, dataset: mnist.Mnist, test_size: int | None = None, seed: int = 42) -> Evaluation:
+def evaluate_file(path: Path, dataset: mnist.Mnist, test_size: int | None = None) -> Evaluation:
     model = load_model(path)
-    idx = mnist.stratified_subset(dataset.y_test, test_size, seed)
+    idx = mnist.stratified_subset(dataset.y_test, test_size)
     return evaluate(model, dataset.x_test[idx], dataset.y_test[idx])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from normtf import data as mnist
 from normtf.config import TrainConfig
 from normtf.models import build_model, norm_layers
 from normtf.norms import EPS
@@ -76,3 +77,8 @@ def explain(norm: str, images: np.ndarray, config: TrainConfig | None = None) ->
             test_time_differs=change > 1e-4, test_time_max_change=change,
         ))
     return reports
+
+
+def explain_test_batch(config: TrainConfig, dataset: mnist.Mnist, batch_size: int) -> list[NormReport]:
+    """`explain` on the first `batch_size` MNIST test images, normalized as the model sees them."""
+    return explain(config.norm, mnist.normalized(dataset.x_test[:batch_size]), config)

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 from matplotlib import ticker  # noqa: E402  (after choosing the headless backend)
 from matplotlib.figure import Figure  # noqa: E402
 
-from normtf.runs import atomic_write  # noqa: E402
+from normtf.files import atomic_write  # noqa: E402
 
 
 def save(figure: Figure, path: Path) -> Path:

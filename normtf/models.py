@@ -5,7 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from normtf.config import TrainConfig, UsageError
+from normtf.config import TrainConfig
+from normtf.errors import UsageError
 from normtf.norms import get_norm
 
 # (filters, kernel, padding) of the six normalized blocks; the 1x1 transition and

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from normtf.config import TrainConfig, UsageError
+from normtf.config import TrainConfig
+from normtf.errors import UsageError
 
 EPS = 1e-5  # PyTorch's default for BatchNorm2d, GroupNorm and LayerNorm; Keras's defaults differ
 
@@ -19,6 +20,7 @@ class Norm:
     label: str  # names its figures: img/misclassified_<label>.png
     description: str
     l1: bool = False  # add the L1 kernel penalty (the study's "batch norm + L1" run)
+    uses: frozenset[str] = frozenset()  # which of VARIANT_SETTINGS this variant reads
 
 
 def _batch(config):
@@ -47,16 +49,35 @@ def _layer_per_channel(config):
 
 
 NORMS: dict[str, Norm] = {
-    "batch-l1": Norm(_batch, "BatchNorm", "batch norm + L1 on the kernels (the study's run)", l1=True),
-    "batch": Norm(_batch, "BatchNormNoL1", "batch norm without L1 (the control the study lacks)"),
+    "batch-l1": Norm(_batch, "BatchNorm", "batch norm + L1 on the kernels (the study's run)", l1=True,
+                     uses=frozenset({"l1", "sync_bn"})),
+    "batch": Norm(_batch, "BatchNormNoL1", "batch norm without L1 (the control the study lacks)",
+                  uses=frozenset({"sync_bn"})),
     "layer": Norm(_layer, "LayerNorm", "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])"),
-    "group": Norm(_group, "GroupNorm", "group norm, per-channel gamma/beta, --groups groups (2 in the study)"),
+    "group": Norm(_group, "GroupNorm", "group norm, per-channel gamma/beta, --groups groups (2 in the study)",
+                  uses=frozenset({"groups"})),
     "layer-c": Norm(_layer_per_channel, "LayerNormPerChannel",
                     "layer norm with per-channel gamma/beta (group norm with one group): 9,910 parameters"),
 }
+
+
+VARIANT_SETTINGS = frozenset({"l1", "groups", "sync_bn"})
 
 
 def get_norm(name: str) -> Norm:
     if name not in NORMS:
         raise UsageError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
     return NORMS[name]
+
+
+def relevant(config: TrainConfig) -> TrainConfig:
+    """The config with the settings its variant ignores at their defaults, so that e.g. --l1 does
+    not make a layer-norm run count as different from one trained without it."""
+    defaults = TrainConfig()
+    ignored = VARIANT_SETTINGS - get_norm(config.norm).uses
+    return config.replace(**{name: getattr(defaults, name) for name in ignored})
+
+
+def color(name: str) -> str:
+    """The same matplotlib color for a variant in every figure: its place in this table."""
+    return f"C{list(NORMS).index(name)}"

@@ -9,56 +9,17 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import json
 import math
 import os
-import tempfile
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from normtf.config import NormtfError, TrainConfig
+from normtf.config import TrainConfig
+from normtf.errors import CorruptFile, NormtfError
+from normtf.files import atomic_write, read_json, write_json
 
 HISTORY_KEYS = ["epoch", "train_loss", "train_objective", "train_accuracy", "test_loss", "test_accuracy", "epoch_time"]
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: old file or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's private 0600 would surprise whoever shares the results
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, value) -> None:
-    atomic_write(path, json.dumps(value, indent=2, sort_keys=True, allow_nan=False, default=_jsonable) + "\n")
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in JSON")
-
-
-def read_json(path: Path):
-    """The parsed file, or None if it is missing. A truncated or corrupt file is a CorruptFile error."""
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptFile(f"{path} is truncated or corrupt ({e}); the run is treated as unfinished") from e
-
-
-class CorruptFile(NormtfError):
-    pass
 
 
 class RunDir:
@@ -80,6 +41,12 @@ class RunDir:
 
     def __repr__(self):
         return f"RunDir({str(self.path)!r})"
+
+    def clear(self) -> None:
+        """Remove a previous run's results (not the lock)."""
+        for path in [self.history, self.history_csv, self.metrics, self.model, self.config]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def checkpoint(self, epochs_done: int) -> Path:
         return self.checkpoint_dir / f"epoch-{epochs_done:04d}.weights.h5"

@@ -1,32 +1,30 @@
-"""The comparison itself: train several variants under one recipe, then draw what they did."""
+"""The comparison itself: train several variants (and seeds) under one recipe, then draw them."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from normtf import data as mnist
 from normtf import figures
-from normtf.config import NormtfError, TrainConfig
+from normtf.config import TrainConfig
+from normtf.errors import CorruptFile, NormtfError
 from normtf.evaluation import evaluate_file
-from normtf.norms import NORMS, get_norm
-from normtf.runs import CorruptFile, RunDir
-from normtf.training import TrainResult, train
+from normtf.norms import color, get_norm
+from normtf.runs import RunDir
+from normtf.training import TrainResult, preflight, train
 
 
 def compare(norms: list[str], config: TrainConfig, runs_dir: Path, seeds: list[int] | None = None,
             callbacks_for=lambda config: (), force: bool = False, data_dir: Path | None = None,
             tensorboard: bool = False, warn=lambda message: None) -> list[TrainResult]:
-    """Train each variant in turn, once per seed if `seeds` (reusing finished runs with the same settings)."""
-    dataset = None
-    results = []
-    for norm in norms:
-        for seed in seeds or [config.seed]:
-            run_config = config.replace(norm=norm, seed=seed)
-            if force or RunDir.for_config(runs_dir, run_config, bool(seeds)).status(run_config) != "finished":
-                dataset = dataset or mnist.load_mnist(data_dir, warn=warn)
-            results.append(train(run_config, runs_dir, dataset=dataset, callbacks=callbacks_for(run_config),
-                                 tensorboard=tensorboard, force=force, per_seed=bool(seeds), warn=warn))
-    return results
+    """Train each variant in turn, once per seed if `seeds`, reusing finished runs with the same
+    settings. Every run is checked before the first one starts."""
+    configs = [preflight(config.replace(norm=norm, seed=seed), runs_dir, bool(seeds), force)
+               for norm in norms for seed in seeds or [config.seed]]
+    dataset = functools.cache(lambda: mnist.load_mnist(data_dir, warn=warn))
+    return [train(c, runs_dir, dataset=dataset, callbacks=callbacks_for(c), tensorboard=tensorboard, force=force,
+                  per_seed=bool(seeds), warn=warn) for c in configs]
 
 
 def by_norm(results: list[TrainResult]) -> dict[str, list[TrainResult]]:
@@ -37,20 +35,29 @@ def by_norm(results: list[TrainResult]) -> dict[str, list[TrainResult]]:
     return groups
 
 
-def color(norm: str) -> str:
-    """The same color for a variant in every figure: its place in the table of norms."""
-    return f"C{list(NORMS).index(norm)}"
-
-
-def load_result(run: RunDir) -> TrainResult | None:
-    """A finished or failed run as stored, or None if there is nothing usable (reported by status)."""
+def load_result(run: RunDir, warn=lambda message: None) -> TrainResult | None:
+    """A finished or failed run as stored, or None if there is nothing usable."""
     try:
         config, metrics = run.stored_config(), run.read_metrics()
         if config is None or metrics is None:
             return None
         return TrainResult(run, config, run.read_history(), metrics, reused=True)
-    except CorruptFile:
+    except CorruptFile as e:
+        warn(str(e))
         return None
+
+
+def stored_results(norms: list[str], runs_dir: Path, warn=lambda message: None) -> list[TrainResult]:
+    """The stored runs of these variants: <runs-dir>/<norm>/, else its seed-<s>/ runs."""
+    results = []
+    for norm in norms:
+        single = load_result(RunDir(Path(runs_dir) / norm), warn)
+        seeded = [load_result(RunDir(p), warn) for p in sorted(Path(runs_dir, norm).glob("seed-*"))]
+        results += [single] if single else [r for r in seeded if r]
+    if not results:
+        raise NormtfError(f"no trained run in {runs_dir} for {', '.join(norms)}; "
+                          "train first: normtf compare --all (or normtf train --norm <norm>)")
+    return results
 
 
 def draw_curves(results: list[TrainResult], path: Path) -> Path | None:
@@ -80,7 +87,7 @@ def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir
     dataset = mnist.load_mnist(data_dir, warn=warn)
     paths = []
     for result in finished:
-        evaluation = evaluate_file(result.run.model, dataset, result.config.test_size, result.config.seed)
+        evaluation = evaluate_file(result.run.model, dataset, result.config.test_size)
         wrong = evaluation.misclassified(count)
         label = get_norm(result.config.norm).label
         paths.append(figures.plot_misclassified(
@@ -89,16 +96,3 @@ def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir
             f"{label}: first {len(wrong)} of {evaluation.total - evaluation.correct} misclassified test images "
             f"(test accuracy {100 * evaluation.accuracy:.2f}%)"))
     return paths
-
-
-def stored_results(norms: list[str], runs_dir: Path) -> list[TrainResult]:
-    """The stored runs of these variants: <runs-dir>/<norm>/, else its seed-<s>/ runs."""
-    results = []
-    for norm in norms:
-        single = load_result(RunDir(Path(runs_dir) / norm))
-        seeded = [load_result(RunDir(p)) for p in sorted(Path(runs_dir, norm).glob("seed-*"))]
-        results += [single] if single else [r for r in seeded if r]
-    if not results:
-        raise NormtfError(f"no trained run in {runs_dir} for {', '.join(norms)}; "
-                          "train first: normtf compare --all (or normtf train --norm <norm>)")
-    return results

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normtf import data as mnist
-from normtf.config import TrainConfig, UsageError
-from normtf.runs import write_json
-from normtf.training import TrainResult, train
+import functools
 
-SWEEP_DEFAULTS = dict(epochs=2, train_size=20_000)
+from normtf import data as mnist
+from normtf import figures
+from normtf.config import TrainConfig
+from normtf.errors import UsageError
+from normtf.files import write_json
+from normtf.norms import color, get_norm
+from normtf.training import preflight, train
+
 REFERENCE_BATCH = TrainConfig().batch_size  # the learning rate is the recipe's at this batch size
 
 
@@ -23,24 +27,40 @@ def sweep_configs(norms: list[str], batch_sizes: list[int], base: TrainConfig, s
 
 
 def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale_lr: bool, runs_dir: Path,
-              out: Path, callbacks_for=lambda config: (), data_dir: Path | None = None,
+              out: Path, callbacks_for=lambda config: (), force: bool = False, data_dir: Path | None = None,
               warn=lambda message: None) -> dict:
     """Train (or reuse) every config under runs_dir/batch-<size>/<norm>/ and write the table to `out`."""
-    configs = sweep_configs(norms, batch_sizes, base, scale_lr)
-    dataset = mnist.load_mnist(data_dir, warn=warn)
+    configs = [preflight(c, Path(runs_dir) / f"batch-{c.batch_size}", force=force)
+               for c in sweep_configs(norms, batch_sizes, base, scale_lr)]
+    dataset = functools.cache(lambda: mnist.load_mnist(data_dir, warn=warn))
     rows = []
     for config in configs:
-        config.validate()
-        result: TrainResult = train(config, Path(runs_dir) / f"batch-{config.batch_size}", dataset=dataset,
-                                    callbacks=callbacks_for(config), warn=warn)
+        result = train(config, Path(runs_dir) / f"batch-{config.batch_size}", dataset=dataset,
+                       callbacks=callbacks_for(config), force=force, warn=warn)
         finished = result.metrics["status"] == "finished"
         rows.append({"norm": config.norm, "batch_size": config.batch_size, "lr": config.lr,
                      "status": result.metrics["status"],
                      "test_accuracy": result.metrics["final_test_accuracy"] if finished else None,
                      "test_error_percent": 100 * (1 - result.metrics["final_test_accuracy"]) if finished else None,
                      "mean_epoch_time": result.metrics.get("mean_epoch_time")})
-    summary = {"lr_scaled": scale_lr, "budget": {"epochs": base.epochs, "train_size": base.train_size or len(dataset.y_train),
-                          "test_size": base.test_size or len(dataset.y_test)},
-               "reference_batch": REFERENCE_BATCH, "seed": base.seed, "rows": rows}
+    summary = {"lr_scaled": scale_lr, "reference_batch": REFERENCE_BATCH, "seed": base.seed, "rows": rows,
+               "budget": {"epochs": base.epochs, "train_size": base.train_size or len(dataset().y_train),
+                          "test_size": base.test_size or len(dataset().y_test)}}
     write_json(Path(out), summary)
     return summary
+
+
+def draw_sweep(summary: dict, path: Path) -> Path:
+    lines = {}
+    for row in summary["rows"]:
+        if row["status"] != "finished":
+            continue
+        line = lines.setdefault(row["norm"], {"label": get_norm(row["norm"]).label, "color": color(row["norm"]),
+                                              "batch_sizes": [], "errors": []})
+        line["batch_sizes"].append(row["batch_size"])
+        line["errors"].append(row["test_error_percent"])
+    budget = summary["budget"]
+    lr = (f"lr scaled linearly from batch {summary['reference_batch']}" if summary["lr_scaled"]
+          else "same lr at every batch size")
+    title = f"Test error vs batch size: {budget['epochs']} epochs of {budget['train_size']:,} MNIST images, {lr}"
+    return figures.plot_sweep(lines, path, title)

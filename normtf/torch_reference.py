@@ -13,8 +13,10 @@ import time
 
 import numpy as np
 
-from normtf.config import NormtfError, TrainConfig
+from normtf.config import TrainConfig
 from normtf.data import MEAN, STD, load_mnist
+from normtf.errors import NormtfError
+from normtf.norms import get_norm
 
 try:
     import torch
@@ -28,9 +30,9 @@ NORMS = {
     "batch": lambda channels, size: nn.BatchNorm2d(channels),
     "layer": lambda channels, size: nn.LayerNorm([channels, size, size]),
     "group": lambda channels, size: nn.GroupNorm(2, channels),
-}
-PARAMS = {"batch-l1": 9_910, "batch": 9_910, "layer": 66_974, "group": 9_910}
-L1_NORMS = {"batch-l1"}  # the study put its L1 penalty on the batch-norm run only
+    "layer-c": lambda channels, size: nn.GroupNorm(1, channels),
+}  # PyTorch's side of normtf.norms.NORMS
+PARAMS = {"batch-l1": 9_910, "batch": 9_910, "layer": 66_974, "group": 9_910, "layer-c": 9_910}
 
 
 def build(norm: str, dropout: float = 0.1) -> nn.Module:
@@ -67,7 +69,7 @@ def measure(norm: str, steps: int, warmup: int, repeats: int) -> list[float]:
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train.astype(np.int64))
     model = build(norm, config.dropout).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    l1 = config.l1 if norm in L1_NORMS else 0.0
+    l1 = config.l1 if get_norm(norm).l1 else 0.0  # over all parameters, as the study did
 
     def batches():
         while True:  # a fresh shuffle each epoch, last batch smaller, as DataLoader(shuffle=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -10,21 +11,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from normtf import data as mnist
-from normtf.config import NormtfError, TrainConfig, UsageError
+from normtf.config import TrainConfig
+from normtf.errors import CorruptFile, Interrupted, UsageError
+from normtf.files import atomic_path, write_json
 from normtf.models import build_model, trainable_params
-from normtf.runs import CorruptFile, RunDir, is_finite, summarize, write_json
+from normtf.norms import relevant
+from normtf.runs import RunDir, is_finite, summarize
 
 EVAL_BATCH = 1000
-
-
-class Interrupted(NormtfError):
-    """Ctrl-C or SIGTERM: the epoch in progress is dropped, finished epochs are kept."""
+CPU_STEPS_PER_EXECUTION = 1
+GPU_STEPS_PER_EXECUTION = 32
 
 
 @dataclass
@@ -52,9 +55,11 @@ def resolve_device(config: TrainConfig) -> Device:
     return Device(name, precision, jit)
 
 
+@functools.cache
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """mirrored: every local GPU (or logical CPU); multi-worker: the machines TF_CONFIG names.
-    Either way the global batch (--batch-size) is split over the replicas."""
+    Either way the global batch (--batch-size) is split over the replicas. One per process: a
+    multi-worker strategy must be created before TensorFlow runs anything else."""
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
@@ -83,7 +88,7 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def compile_model(model: keras.Model, config: TrainConfig, jit: bool) -> keras.Model:
+def compile_model(model: keras.Model, config: TrainConfig, jit: bool, steps_per_execution: int = 1) -> keras.Model:
     model.compile(
         optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -91,8 +96,31 @@ def compile_model(model: keras.Model, config: TrainConfig, jit: bool) -> keras.M
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                  keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce")],
         jit_compile=jit,
+        steps_per_execution=steps_per_execution,
     )
     return model
+
+
+def prepare(config: TrainConfig, steps_per_epoch: int = 1) -> tuple[keras.Model, Device, tf.distribute.Strategy]:
+    """The compiled model of a run, as `train` and the benchmark use it: strategy, precision,
+    seed, then the model built and compiled inside the strategy's scope."""
+    strategy = make_strategy(config.strategy)
+    device = resolve_device(config)
+    keras.mixed_precision.set_global_policy(device.precision)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    set_seed(config.seed)
+    with strategy.scope():
+        model = build_model(config.norm, config)  # a bad --groups fails here, before any training
+        compile_model(model, config, device.jit, execution_steps(steps_per_epoch, device))
+    return model, device, strategy
+
+
+def execution_steps(steps_per_epoch: int, device: Device) -> int:
+    """Training steps run per call into TensorFlow: fewer host round trips (the progress bar and
+    the loss check see every Nth step). A divisor of the epoch's steps, so epochs stay whole."""
+    target = GPU_STEPS_PER_EXECUTION if device.name.startswith("GPU") else CPU_STEPS_PER_EXECUTION
+    return max(d for d in range(1, target + 1) if steps_per_epoch % d == 0)
 
 
 class _EpochKeeper(keras.callbacks.Callback):
@@ -113,14 +141,14 @@ class _EpochKeeper(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.failure is None and not is_finite(float((logs or {}).get("loss", 0.0))):
             self.failure = {"epoch": self.epoch + 1, "step": batch + 1,
-                            "reason": f"loss became {float(logs['loss'])} at epoch {self.epoch + 1}, step {batch + 1}"}
+                            "reason": f"loss became {float(logs['loss'])} by step {batch + 1} of epoch {self.epoch + 1}"}
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         if self.failure is not None:
             return
         logs = logs or {}
-        self.history.append({
+        record = {
             "epoch": epoch + 1,
             "train_loss": float(logs["ce"]),
             "train_objective": float(logs["loss"]),
@@ -128,12 +156,11 @@ class _EpochKeeper(keras.callbacks.Callback):
             "test_loss": float(logs["val_ce"]),
             "test_accuracy": float(logs["val_accuracy"]),
             "epoch_time": time.perf_counter() - self.started,
-        })
+        }
         checkpoint = self.run.checkpoint(epoch + 1)
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        partial = checkpoint.with_name(".partial.weights.h5")
-        self.model.save_weights(partial)
-        os.replace(partial, checkpoint)
+        with atomic_path(checkpoint) as partial:
+            self.model.save_weights(partial)
+        self.history.append(record)
         self.run.write_history(self.history)
         for old in self.run.checkpoint_dir.glob("epoch-*.weights.h5"):
             if old != checkpoint:
@@ -168,13 +195,8 @@ def _start_state(run: RunDir, config: TrainConfig, force: bool, warn) -> tuple[s
     if status == "finished":
         return "reuse", run.read_history()
     if status == "stale":
-        if run.metrics.exists():
-            stored = run.stored_config()
-            changed = ", ".join(f"{k} {getattr(stored, k)} -> {getattr(config, k)}"
-                                for k in config.to_dict() if getattr(stored, k) != getattr(config, k))
-            raise UsageError(f"{run.path} holds a finished run with other settings ({changed}); "
-                             "pass --force to replace it, or --runs-dir to keep both")
-        warn(f"{run.path} holds an unfinished run with other settings; starting over")
+        check_replaceable(run, config)
+        warn(f"{run.path} holds an unfinished or failed run with other settings; starting over")
         return "fresh", []
     try:
         history = run.read_history()
@@ -188,48 +210,64 @@ def _start_state(run: RunDir, config: TrainConfig, force: bool, warn) -> tuple[s
     return "resume", history
 
 
-def _clear(run: RunDir) -> None:
-    for path in [run.history, run.history_csv, run.metrics, run.model, run.config]:
-        path.unlink(missing_ok=True)
-    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+def check_replaceable(run: RunDir, config: TrainConfig) -> None:
+    """A finished run is never replaced by one with other settings without --force."""
+    stored = run.stored_config()
+    metrics = run.read_metrics() or {}
+    if stored is not None and stored != config and metrics.get("status") == "finished":
+        changed = ", ".join(f"{k} {getattr(stored, k)} -> {getattr(config, k)}"
+                            for k in config.to_dict() if getattr(stored, k) != getattr(config, k))
+        raise UsageError(f"{run.path} holds a finished run with other settings ({changed}); "
+                         "pass --force to replace it, or --runs-dir to keep both")
 
 
-def train(config: TrainConfig, runs_dir: Path | str = "runs", dataset: mnist.Mnist | None = None,
-          data_dir: Path | None = None, callbacks=(), tensorboard: bool = False, force: bool = False,
-          per_seed: bool = False, warn=lambda message: None) -> TrainResult:
+def preflight(config: TrainConfig, runs_dir: Path | str, per_seed: bool = False, force: bool = False) -> TrainConfig:
+    """Everything that can be refused before hours of training: bad settings, a variant that cannot
+    be built, a finished run that would be replaced. Returns the run's (relevant) config."""
+    config = relevant(config.validate())
+    make_strategy(config.strategy)  # first: a multi-worker strategy must come before any TensorFlow op
+    build_model(config.norm, config)
+    if not force:
+        try:
+            check_replaceable(RunDir.for_config(runs_dir, config, per_seed), config)
+        except CorruptFile:
+            pass  # reported, and the run started over, when its turn comes
+    return config
+
+
+def train(config: TrainConfig, runs_dir: Path | str = "runs",
+          dataset: mnist.Mnist | Callable[[], mnist.Mnist] | None = None, data_dir: Path | None = None,
+          callbacks=(), tensorboard: bool = False, force: bool = False, per_seed: bool = False,
+          warn=lambda message: None) -> TrainResult:
     """Train `config.norm` into runs_dir/<norm>/ (per_seed: .../seed-<seed>/), resuming or reusing
-    what is already there."""
-    config.validate()
+    what is already there. `dataset` may be a function, called only if there is training to do."""
+    config = relevant(config.validate())
     run = RunDir.for_config(runs_dir, config, per_seed)
     with run.locked():
         action, history = _start_state(run, config, force, warn)
         if action == "reuse":
             return TrainResult(run, config, history, run.read_metrics(), reused=True)
-        device = resolve_device(config)
-        keras.mixed_precision.set_global_policy(device.precision)
-        if config.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        set_seed(config.seed)
-        strategy = make_strategy(config.strategy)
-        with strategy.scope():
-            model = compile_model(build_model(config.norm, config), config, device.jit)  # bad --groups fails here
-        data = dataset or mnist.load_mnist(data_dir, warn=warn)
+        data = (dataset() if callable(dataset) else dataset) or mnist.load_mnist(data_dir, warn=warn)
         for flag, size, available in [("--train-size", config.train_size, len(data.y_train)),
                                       ("--test-size", config.test_size, len(data.y_test))]:
             if size is not None and size > available:
                 raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
-        train_idx = mnist.stratified_subset(data.y_train, config.train_size, config.seed)
-        test_idx = mnist.stratified_subset(data.y_test, config.test_size, config.seed)
+        train_idx = mnist.stratified_subset(data.y_train, config.train_size)
+        test_idx = mnist.stratified_subset(data.y_test, config.test_size)
         if config.batch_size > len(train_idx):
             raise UsageError(f"--batch-size {config.batch_size} is more than the {len(train_idx):,} training images")
+        steps = mnist.steps_per_epoch(len(train_idx), config.batch_size)
+        model, device, strategy = prepare(config, steps)
         if action == "fresh":  # only now: a bad setting above leaves the directory as it was
-            _clear(run)
+            run.clear()
         write_json(run.config, {"config": config.to_dict(), "environment": environment(device, strategy),
                                 "data": str(data.source), "train_images": len(train_idx),
-                                "test_images": len(test_idx), "trainable_params": trainable_params(model)})
+                                "test_images": len(test_idx), "trainable_params": trainable_params(model),
+                                "steps_per_execution": model.steps_per_execution})
         if history:
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(run.checkpoint(len(history)))
+            with strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+                model.load_weights(run.checkpoint(len(history)))
 
         keeper = _EpochKeeper(run, config, history)
         train_ds = mnist.train_dataset(data.x_train[train_idx], data.y_train[train_idx], config.batch_size,
@@ -239,8 +277,7 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs", dataset: mnist.Mni
         try:
             with _sigterm_as_interrupt():
                 model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=len(history),
-                          steps_per_epoch=mnist.steps_per_epoch(len(train_idx), config.batch_size),
-                          callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
+                          steps_per_epoch=steps, callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: {len(history)} of {config.epochs} epochs of {config.norm} are kept "
                               f"in {run.path}; run the same command again to resume") from None
@@ -250,9 +287,8 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs", dataset: mnist.Mni
             metrics.update(status="failed", failure=keeper.failure)
         else:
             metrics.update(summarize(history))
-            partial = run.path / ".partial.model.keras"
-            model.save(partial)
-            os.replace(partial, run.model)
-            shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+            with atomic_path(run.model) as partial:
+                model.save(partial)
         write_json(run.metrics, metrics)
+        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # only now: the results are safe
         return TrainResult(run, config, history, metrics)

@@ -9,7 +9,8 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reas
 
 @needs_torch
 @pytest.mark.parametrize("norm, params",
-                         [("batch-l1", 9_910), ("batch", 9_910), ("group", 9_910), ("layer", 66_974)])
+                         [("batch-l1", 9_910), ("batch", 9_910), ("group", 9_910), ("layer", 66_974),
+                          ("layer-c", 9_910)])
 def test_reference_model_has_the_study_parameter_counts(norm, params):
     import torch
 
@@ -20,6 +21,14 @@ def test_reference_model_has_the_study_parameter_counts(norm, params):
     log_probs = model(torch_reference.rotate(torch.rand(4, 1, 28, 28), 8.0))
     assert log_probs.shape == (4, 10)
     assert torch.allclose(log_probs.exp().sum(1), torch.ones(4), atol=1e-5)
+
+
+@needs_torch
+def test_the_reference_knows_every_variant():
+    from normtf import torch_reference
+    from normtf.norms import NORMS
+
+    assert set(torch_reference.NORMS) == set(NORMS) == set(torch_reference.PARAMS)
 
 
 def test_training_flops_match_the_issue():

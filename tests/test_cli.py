@@ -22,8 +22,8 @@ def run(*args):
 
 def test_help_lists_the_commands_without_installing():
     out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for command in ["train", "compare", "gallery", "data", "evaluate", "explain", "diagrams"]:
-        assert command in out.stdout
+    for command in ["train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "bench"]:
+        assert f"│ {command} " in out.stdout
     assert "--norm" in run("train", "--help").output
 
 
@@ -62,7 +62,9 @@ def test_gallery_without_runs_names_the_command_to_run(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--norm", "instance"], "'instance' is not one of"),
-    (["train", "--norm", "group", "--groups", "4"], "Number of groups (4)"),
+    (["train", "--norm", "group", "--groups", "4"], "cannot build the group model; its blocks have [12, 14, 28]"),
+    (["evaluate", "runs", "--test-size", "0"], "--test-size must be at least 1"),
+    (["diagrams", "--groups", "0"], "--groups must be at least 1"),
     (["train", "--epochs", "0"], "--epochs must be at least 1"),
     (["train", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["train", "--train-size", "0"], "--train-size must be at least 1"),
@@ -76,15 +78,14 @@ def test_gallery_without_runs_names_the_command_to_run(tmp_path):
     (["gallery", "--count", "0"], "--count must be at least 1"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(args, message, tmp_path):
-    result = run(*args, "--runs-dir", tmp_path) if args[0] != "compare" else run(*args)
+    result = run(*args, "--runs-dir", tmp_path) if args[0] in ("train", "gallery") else run(*args)
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
 
 
 def test_unknown_norm_lists_the_valid_names():
     output = " ".join(run("train", "--norm", "instance").output.split())
-    for name in ["batch-l1", "batch", "layer", "group"]:
-        assert name in output
+    assert "'batch-l1', 'batch', 'layer', 'group', 'layer-c'" in output
 
 
 def test_missing_data_dir_and_unwritable_runs_dir_are_clear_errors(tmp_path):
@@ -114,11 +115,16 @@ def test_evaluate_refuses_a_truncated_model(tmp_path):
 
 def test_a_model_carrying_code_is_refused_not_run(tmp_path):
     marker = tmp_path / "code-ran"
+
+    name = str(marker)
+    leave_a_mark = lambda x: (open(name, "w").close(), x * 2)[1]  # noqa: E731  (runs again if loading runs code)
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                              keras.layers.Lambda(lambda x: x * 2), keras.layers.Dense(10)])
+                              keras.layers.Lambda(leave_a_mark), keras.layers.Dense(10)])
+    assert marker.exists()
     model.save(tmp_path / "lambda.keras")
     with zipfile.ZipFile(tmp_path / "lambda.keras") as archive:
         assert "Lambda" in archive.read("config.json").decode()
+    marker.unlink()
     result = run("evaluate", tmp_path / "lambda.keras")
     assert result.exit_code == 1 and "carries code" in result.output and not marker.exists()
 
@@ -164,3 +170,35 @@ def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
 def test_bad_seeds_are_usage_errors(seeds):
     result = run("train", "--seeds", seeds)
     assert result.exit_code == 2 and "--seeds" in result.output
+
+
+def test_gallery_on_a_truncated_model_is_a_clear_error(tmp_path):
+    runs = tmp_path / "runs"
+    assert run("train", "--norm", "layer-c", *TINY, "--runs-dir", runs).exit_code == 0
+    model = runs / "layer-c" / "model.keras"
+    model.write_bytes(model.read_bytes()[:1000])
+    result = run("gallery", "--runs-dir", runs, "--img-dir", tmp_path)
+    assert result.exit_code == 1 and "not a readable .keras model file" in result.output
+
+
+def test_settings_a_variant_ignores_do_not_make_its_run_stale(tmp_path):
+    runs = tmp_path / "runs"
+    assert run("train", "--norm", "layer-c", *TINY, "--runs-dir", runs).exit_code == 0
+    result = run("train", "--norm", "layer-c", *TINY, "--l1", "0.01", "--groups", "7", "--runs-dir", runs)
+    assert result.exit_code == 0 and "already holds this finished run" in result.output
+
+
+def test_a_run_that_would_replace_a_finished_one_is_refused_before_any_training(tmp_path):
+    runs = tmp_path / "runs"
+    assert run("train", "--norm", "layer-c", *TINY, "--runs-dir", runs).exit_code == 0
+    result = run("compare", "--norm", "batch", "--norm", "layer-c", *TINY, "--lr", "0.02", "--runs-dir", runs,
+                 "--img-dir", tmp_path)
+    assert result.exit_code == 2 and "lr 0.01 -> 0.02" in " ".join(result.output.split())
+    assert not (runs / "batch").exists()  # refused before batch, the first variant, trained
+
+
+def test_a_failed_run_is_replaced_without_force(tmp_path):
+    runs = tmp_path / "runs"
+    run("train", "--norm", "batch", *TINY, "--lr", "1e12", "--runs-dir", runs)
+    result = run("train", "--norm", "batch", *TINY, "--runs-dir", runs)
+    assert result.exit_code == 0 and "trained" in result.output

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import copy_mnist, small_idx_dir
 from normtf import data as mnist
-from normtf.data import DataError
+from normtf.errors import DataError
 
 
 def test_real_mnist_has_the_standard_shapes_and_checksums(dataset, mnist_dir):
@@ -133,3 +133,10 @@ def test_train_pipeline_rotates_shuffles_and_replays_an_epoch_exactly(dataset):
 def test_normalized_is_what_the_test_pipeline_yields(dataset):
     x, _ = next(iter(mnist.test_dataset(dataset.x_test[:64], dataset.y_test[:64], 64)))
     np.testing.assert_array_equal(mnist.normalized(dataset.x_test[:64]), x.numpy())
+
+
+def test_another_idx_dataset_must_still_fit_the_model(dataset, tmp_path):
+    directory = small_idx_dir(dataset, tmp_path / "other")
+    (directory / "train-images-idx3-ubyte").write_bytes(mnist.idx_bytes(dataset.x_train[:600, :20, :20]))
+    with pytest.raises(DataError, match=r"\(20, 20\) images .* the model takes 28x28 images of 10 classes"):
+        mnist.load_mnist(directory)

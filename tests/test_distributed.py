@@ -30,3 +30,9 @@ def test_training_under_mirrored_strategy_runs_and_converges(tmp_path):
     assert found["replicas"] == 2 and len(found["test_losses"]) == 2
     first, second = found["test_losses"]
     assert second < first and found["accuracy"] >= 0.6  # 4,000 images, 2 epochs; chance is 0.1
+
+
+def test_multi_worker_strategy_without_tf_config_trains_as_one_worker(tmp_path):
+    found = run_scenario("multi-worker", tmp_path)
+    # CollectiveAllReduceStrategy is the class behind tf.distribute.MultiWorkerMirroredStrategy.
+    assert found == {"strategy": "CollectiveAllReduceStrategy", "status": "finished"}

@@ -54,7 +54,7 @@ def test_sigkill_during_epoch_2_then_rerun_gives_every_epoch_once_and_the_same_m
     history = run.read_history()
     assert [r["epoch"] for r in history] == [1, 2, 3]
     metrics = run.read_metrics()
-    evaluation = evaluate_file(run.model, dataset, test_size=1000, seed=42)
+    evaluation = evaluate_file(run.model, dataset, test_size=1000)
     assert evaluation.correct == round(metrics["final_test_accuracy"] * 1000)
 
     straight = start(tmp_path / "straight")
@@ -73,6 +73,23 @@ def test_sigint_and_sigterm_keep_finished_epochs_and_say_how_to_resume(tmp_path,
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "run the same command again to resume" in err and "Traceback" not in err + out
-    assert len(run.read_history()) >= 1 and not run.metrics.exists()
-    with h5py.File(run.checkpoint(len(run.read_history()))) as checkpoint:
+    kept = len(run.read_history())
+    assert kept >= 1 and not run.metrics.exists()
+    with h5py.File(run.checkpoint(kept)) as checkpoint:
         assert len(checkpoint.keys()) > 0
+    rerun = start(tmp_path)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert [r["epoch"] for r in run.read_history()] == [1, 2, 3]
+
+
+def test_a_second_process_on_the_same_run_is_refused_with_the_holders_pid(tmp_path):
+    run = RunDir(tmp_path / "group")
+    first = start(tmp_path)
+    wait_for_epochs(run, 1, first)
+    second = start(tmp_path)
+    out, err = second.communicate(timeout=120)
+    first.kill()
+    first.wait()
+    assert second.returncode == 1
+    assert f"another normtf process (pid {first.pid}) is training into" in " ".join(err.split())

@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from normtf.config import TrainConfig, UsageError
+from normtf.config import TrainConfig
+from normtf.errors import UsageError
 from normtf.explain import explain, find_statistics_sets
 from normtf.models import build_model, norm_layers, trainable_params
 from normtf.norms import EPS, NORMS

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from normtf import study
-from normtf.config import TrainConfig, UsageError
-from normtf.sweep import run_sweep, sweep_configs
+from normtf.config import TrainConfig
+from normtf.errors import UsageError
+from normtf.sweep import draw_sweep, run_sweep, sweep_configs
 
 
 def test_learning_rate_scales_linearly_with_batch_size():
@@ -26,4 +26,4 @@ def test_sweep_trains_every_pair_writes_json_and_figure(tmp_path, dataset):
                                                                         (64, "batch"), (64, "group")]
     assert all(0 <= r["test_error_percent"] <= 100 for r in summary["rows"])
     assert (tmp_path / "runs" / "batch-16" / "group" / "model.keras").is_file()
-    assert study.draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000
+    assert draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000

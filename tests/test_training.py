@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 
 from normtf import study
-from normtf.config import NormtfError, TrainConfig, UsageError
+from normtf.config import TrainConfig
+from normtf.errors import Interrupted, NormtfError, UsageError
 from normtf.evaluation import evaluate_file
+from normtf.files import atomic_write
 from normtf.models import build_model
 from normtf.norms import NORMS
-from normtf.runs import RunDir, atomic_write
-from normtf.training import Interrupted, compile_model, train
+from normtf.runs import RunDir
+from normtf.training import compile_model, train
 
 TINY = dict(epochs=1, train_size=1000, test_size=500)
 
@@ -128,3 +130,18 @@ def test_mixed_float16_step_runs_without_nans(norm, test_batch, dataset):
         keras.mixed_precision.set_global_policy("float32")
     assert np.isfinite(logs["loss"])
     assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.trainable_weights)
+
+
+def test_compare_resumes_an_interrupted_run_and_reuses_finished_ones(dataset, tmp_path):
+    class StopInEpoch2(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    config = TrainConfig(epochs=2, train_size=1000, test_size=500)
+    train(config.replace(norm="layer-c"), tmp_path, dataset=dataset)
+    with pytest.raises(Interrupted):
+        train(config.replace(norm="group"), tmp_path, dataset=dataset, callbacks=[StopInEpoch2()])
+    results = study.compare(["layer-c", "group"], config, tmp_path)
+    assert [r.reused for r in results] == [True, False]
+    assert [r["epoch"] for r in results[1].history] == [1, 2]

@@ -46,6 +46,16 @@ def mirrored_training(runs_dir):
             "test_losses": [r["test_loss"] for r in result.history]}
 
 
+def multi_worker_training(runs_dir):
+    """With no TF_CONFIG, a multi-worker strategy is one worker: it must still train."""
+    config = TrainConfig(norm="batch", strategy="multi-worker", sync_bn=True, epochs=1, train_size=2000,
+                         test_size=500)
+    result = train(config, runs_dir)
+    return {"strategy": json.loads(result.run.config.read_text())["environment"]["strategy"],
+            "status": result.metrics["status"]}
+
+
 if __name__ == "__main__":
-    scenario = sys.argv[1]
-    print(json.dumps(batch_norm_statistics() if scenario == "bn" else mirrored_training(sys.argv[2])))
+    scenario, *args = sys.argv[1:]
+    print(json.dumps({"bn": batch_norm_statistics, "train": mirrored_training,
+                      "multi-worker": multi_worker_training}[scenario](*args)))

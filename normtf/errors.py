@@ -1,0 +1,21 @@
+"""What can go wrong that the user can fix. The CLI prints the message as one line, no traceback."""
+
+
+class NormtfError(Exception):
+    """A problem the user can fix (exit code 1)."""
+
+
+class UsageError(NormtfError):
+    """A bad setting or argument (exit code 2, like a command-line usage error)."""
+
+
+class DataError(NormtfError):
+    """MNIST could not be found, fetched, verified or read."""
+
+
+class CorruptFile(NormtfError):
+    """A result file that is truncated or not what it should be."""
+
+
+class Interrupted(NormtfError):
+    """Ctrl-C or SIGTERM during training: the epoch in progress is dropped, finished epochs are kept."""
