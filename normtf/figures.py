@@ -45,15 +45,23 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
         ax.set_title(label)
         ax.set_ylabel(label.split(" (")[0].replace("Test ", "").replace("Train ", "").capitalize())
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, nbins=10))
         if percent:
             ax.set_ylim(_accuracy_floor(runs, key), 100)
         else:
-            ax.set_yscale("log")
+            _plain_log_scale(ax.yaxis)
     for ax in axes[1]:
         ax.set_xlabel("Epoch")
     axes[0, 1].legend(loc="lower right")
     figure.suptitle(title, fontsize=13)
     return save(figure, path)
+
+
+def _plain_log_scale(axis) -> None:
+    """A log axis labelled 0.05, not 5x10^-2; minor ticks labelled at 2, 3 and 5 only."""
+    axis.axes.set_yscale("log")
+    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
 
 
 def _accuracy_floor(runs: dict[str, dict], key: str) -> float:
@@ -91,9 +99,7 @@ def plot_sweep(lines: dict[str, dict], path: Path, title: str) -> Path:
     ax.set_xscale("log", base=2)
     sizes = sorted({size for line in lines.values() for size in line["batch_sizes"]})
     ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    _plain_log_scale(ax.yaxis)
     ax.set_xlabel("Batch size (images per step, log scale)")
     ax.set_ylabel("Test error (%, log scale)")
     ax.grid(alpha=0.3, which="both")

@@ -73,7 +73,7 @@ def draw_curves(results: list[TrainResult], path: Path) -> Path | None:
     runs = {}
     for norm, group in groups.items():
         spread = f", mean of {len(group)} seeds, band min-max" if len(group) > 1 else ""
-        runs[norm] = {"label": f"{get_norm(norm).label} ({group[0].metrics['trainable_params']:,} params{spread})",
+        runs[norm] = {"label": f"{norm} ({group[0].metrics['trainable_params']:,} params{spread})",
                       "color": color(norm), "histories": [r.history for r in group]}
     return figures.plot_curves(runs, path, title)
 
@@ -93,6 +93,6 @@ def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir
         paths.append(figures.plot_misclassified(
             evaluation.images[wrong], evaluation.labels[wrong], evaluation.predictions[wrong],
             evaluation.probabilities[wrong].max(axis=1), Path(img_dir) / f"misclassified_{label}.png",
-            f"{label}: first {len(wrong)} of {evaluation.total - evaluation.correct} misclassified test images "
+            f"{result.config.norm}: first {len(wrong)} of {evaluation.total - evaluation.correct} misclassified test images "
             f"(test accuracy {100 * evaluation.accuracy:.2f}%)"))
     return paths

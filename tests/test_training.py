@@ -145,3 +145,15 @@ def test_compare_resumes_an_interrupted_run_and_reuses_finished_ones(dataset, tm
     results = study.compare(["layer-c", "group"], config, tmp_path)
     assert [r.reused for r in results] == [True, False]
     assert [r["epoch"] for r in results[1].history] == [1, 2]
+
+
+def test_corrupt_metrics_are_reported_and_the_run_is_not_shown(dataset, tmp_path):
+    config = TrainConfig(norm="layer-c", epochs=1, train_size=1000, test_size=500)
+    run = train(config, tmp_path, dataset=dataset).run
+    run.metrics.write_text('{"status": "fini')
+    warnings = []
+    assert study.load_result(run, warnings.append) is None and "truncated or corrupt" in warnings[0]
+    with pytest.raises(NormtfError, match="no trained run"):
+        study.stored_results(["layer-c"], tmp_path)
+    result = train(config, tmp_path, dataset=dataset, warn=warnings.append)
+    assert "truncated or corrupt" in warnings[-1] and result.metrics["status"] == "finished" and not result.reused
