@@ -12,7 +12,7 @@ from normtf import figures
 from normtf.config import TrainConfig
 from normtf.errors import UsageError
 from normtf.files import write_json
-from normtf.norms import color, get_norm
+from normtf.norms import color
 from normtf.training import preflight, train
 
 REFERENCE_BATCH = TrainConfig().batch_size  # the learning rate is the recipe's at this batch size
@@ -55,7 +55,7 @@ def draw_sweep(summary: dict, path: Path) -> Path:
     for row in summary["rows"]:
         if row["status"] != "finished":
             continue
-        line = lines.setdefault(row["norm"], {"label": get_norm(row["norm"]).label, "color": color(row["norm"]),
+        line = lines.setdefault(row["norm"], {"label": row["norm"], "color": color(row["norm"]),
                                               "batch_sizes": [], "errors": []})
         line["batch_sizes"].append(row["batch_size"])
         line["errors"].append(row["test_error_percent"])
