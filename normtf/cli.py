@@ -47,7 +47,8 @@ def friendly(command):
     return wrapper
 
 
-Norms = Annotated[Optional[list[NormName]], typer.Option("--norm", help="Variant to use; repeat for several.")]
+NORM_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())
+Norms = Annotated[Optional[list[NormName]], typer.Option("--norm", help=f"Variant (repeat for several). {NORM_HELP}.")]
 RunsDir = Annotated[Path, typer.Option(help="Where runs are stored: <runs-dir>/<norm>/.")]
 ImgDir = Annotated[Path, typer.Option(help="Where figures are written.")]
 DataDir = Annotated[Optional[Path], typer.Option(
@@ -130,7 +131,7 @@ def data(data_dir: DataDir = None):
 
 @app.command()
 @friendly
-def train(norm: Annotated[NormName, typer.Option(help="Normalization variant.")] = NormName("batch-l1"),
+def train(norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {NORM_HELP}.")] = NormName("batch-l1"),
           epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size, lr: Lr = DEFAULTS.lr,
           momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,

@@ -1,4 +1,5 @@
-"""The one table that knows the normalization variants. Adding a variant touches this file only.
+"""The one table that knows the normalization variants. Adding a variant touches this file (and,
+for `normtf bench` to time it against PyTorch, its counterpart in torch_reference.py).
 
 Keras is imported inside the factories so that the CLI can list the variants without loading it.
 """

@@ -1,7 +1,8 @@
 """A run directory on disk: which files it holds, written whole or not at all, and its lock.
 
-runs/<norm>/ (runs/<norm>/seed-<s>/ for multi-seed studies) holds config.json, history.json, history.csv, metrics.json, model.keras, and while a
-run is unfinished, checkpoint/ (the last finished epoch's weights and optimizer state).
+runs/<norm>/ (runs/<norm>/seed-<s>/ for multi-seed studies) holds config.json, history.json,
+history.csv, metrics.json, model.keras, and while a run is unfinished, checkpoint/ (the last
+finished epoch's weights and optimizer state).
 """
 
 from __future__ import annotations
