@@ -279,6 +279,8 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
                 model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=len(history),
                           steps_per_epoch=steps, callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
         except KeyboardInterrupt:
+            for callback in [*extra, *callbacks]:
+                callback.on_train_end()  # Keras skips it on an exception: close progress bars and log writers
             raise Interrupted(f"interrupted: {len(history)} of {config.epochs} epochs of {config.norm} are kept "
                               f"in {run.path}; run the same command again to resume") from None
 
