@@ -30,8 +30,9 @@ from normtf.files import write_json
 
 EPOCH_IMAGES = 60_000  # one epoch of MNIST's training set
 # (warm-up steps, timed steps per repeat). Most of a worker's time is fixed (imports, tracing), so
-# quick keeps the repeats but times 20 steps and one evaluation: ~100 s for four variants on 2 idle cores.
-SETTINGS = {False: (20, 150), True: (10, 20)}
+# quick keeps the repeats but times 10 steps and one evaluation, for a rough look in under two
+# minutes: most of a worker's time is fixed (imports, tracing), so that is all it can cut.
+SETTINGS = {False: (20, 150), True: (5, 10)}
 
 
 def run_benchmark(norms: list[str], repeats: int = 3, quick: bool = False, steps: int | None = None,
