@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 import typer  # noqa: E402
 
 from normtf import config as defaults  # noqa: E402
-from normtf.config import TrainConfig  # noqa: E402
+from normtf.config import RECIPES, TrainConfig  # noqa: E402
 from normtf.errors import Interrupted, NormtfError, UsageError  # noqa: E402
 from normtf.norms import NORMS  # noqa: E402
 
@@ -56,6 +56,11 @@ DataDir = Annotated[Optional[Path], typer.Option(
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
 Lr = Annotated[float, typer.Option(help="SGD learning rate.")]
+Schedule = Annotated[str, typer.Option(help="Learning rate schedule: constant, or one-cycle (warm-up to --lr, "
+                                            "cosine down to zero).")]
+Recipe = Annotated[str, typer.Option(help="Starting settings: " + "; ".join(
+    f"{name}: {', '.join(f'{k} {v}' for k, v in values.items()) or 'the study (lr 0.01 constant, 20 epochs)'}"
+    for name, values in RECIPES.items()) + ". Flags given override them.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
 Dropout = Annotated[float, typer.Option(help="Dropout rate after every norm layer, in [0, 1).")]
 L1 = Annotated[float, typer.Option("--l1", help="L1 penalty on conv kernels (batch-l1 only).")]
@@ -111,10 +116,15 @@ def _writable(directory: Path) -> Path:
     return directory
 
 
-def _config(parameters: dict, **overrides) -> TrainConfig:
-    """The TrainConfig of a command whose parameters carry the dataclass's field names."""
-    fields = {field.name for field in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in {**parameters, **overrides}.items() if k in fields}).validate()
+def _config(ctx: typer.Context, parameters: dict, **overrides) -> TrainConfig:
+    """The TrainConfig of a command whose parameters carry the dataclass's field names: the
+    recipe's values, except where a flag was given on the command line."""
+    base = defaults.recipe(parameters.get("recipe", "reference"))
+    given = {name: value for name, value in parameters.items()
+             if name in {field.name for field in dataclasses.fields(TrainConfig)}
+             and (ctx.get_parameter_source(name).name != "DEFAULT"
+                  or name not in defaults.RECIPES[parameters.get("recipe", "reference")])}
+    return base.replace(**{**given, **overrides}).validate()
 
 
 @app.command()
@@ -131,9 +141,9 @@ def data(data_dir: DataDir = None):
 
 @app.command()
 @friendly
-def train(norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {NORM_HELP}.")] = NormName("batch-l1"),
-          epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size, lr: Lr = DEFAULTS.lr,
-          momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
+def train(ctx: typer.Context, norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {NORM_HELP}.")] = NormName("batch-l1"),
+          recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
+          lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
           train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
           jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
@@ -143,7 +153,7 @@ def train(norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {
     from normtf import study
     from normtf.console import console, results_table, warn
 
-    config = _config(locals(), norm=norm.value)
+    config = _config(ctx, locals(), norm=norm.value)
     results = study.compare([config.norm], config, runs_dir, _seeds(seeds, seed), _progress(bool(seeds)), force,
                             data_dir, tensorboard, warn)
     for result in results:
@@ -155,9 +165,9 @@ def train(norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {
 
 @app.command()
 @friendly
-def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
-            epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size, lr: Lr = DEFAULTS.lr,
-            momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
+def compare(ctx: typer.Context, norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
+            recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
+            lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
             groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
             train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
             jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
@@ -171,7 +181,7 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
     norms = list(NORMS) if all_ else [n.value for n in norm or []]
     if not norms:
         raise UsageError("name the variants with --norm (repeatable) or use --all")
-    config = _config(locals(), norm=norms[0])
+    config = _config(ctx, locals(), norm=norms[0])
     _writable(img_dir)
     results = study.compare(norms, config, runs_dir, _seeds(seeds, seed), _progress(bool(seeds)), force, data_dir,
                             tensorboard, warn)
@@ -184,7 +194,7 @@ def compare(norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help
 
 @app.command()
 @friendly
-def sweep(norm: Norms = None,
+def sweep(ctx: typer.Context, norm: Norms = None,
           batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
               map(str, defaults.SWEEP_BATCH_SIZES)),
           epochs: Epochs = defaults.SWEEP_EPOCHS, train_size: TrainSize = defaults.SWEEP_TRAIN_SIZE,
@@ -204,7 +214,7 @@ def sweep(norm: Norms = None,
         raise UsageError(f"--batch-sizes takes whole numbers separated by commas (got {batch_sizes!r})") from None
     norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
     _writable(img_dir)
-    summary = sweeps.run_sweep(norms, sizes, _config(locals(), norm=norms[0]), scale_lr, runs_dir, out,
+    summary = sweeps.run_sweep(norms, sizes, _config(ctx, locals(), norm=norms[0]), scale_lr, runs_dir, out,
                                callbacks_for=lambda c: [EpochProgress(f"{c.norm} batch {c.batch_size}")],
                                force=force, data_dir=data_dir, warn=warn)
     console.print(sweep_table(summary))

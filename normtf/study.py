@@ -68,7 +68,9 @@ def draw_curves(results: list[TrainResult], path: Path) -> Path | None:
     c = next(iter(groups.values()))[0].config
     seeds = sorted({r.config.seed for group in groups.values() for r in group})
     size = f"{c.train_size:,}" if c.train_size else "60,000"
-    title = (f"MNIST, {size} training images, batch {c.batch_size}, SGD lr {c.lr} momentum {c.momentum}, "
+    lr = f"lr {c.lr}" if c.schedule == "constant" else f"{c.schedule} lr (peak {c.lr})"
+    title = (f"MNIST, {size} training images, batch {c.batch_size}, SGD {lr} momentum {c.momentum}, "
+             f"dropout {c.dropout}, "
              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}  (normtf)")
     runs = {}
     for norm, group in groups.items():

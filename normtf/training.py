@@ -88,9 +88,21 @@ def set_seed(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def compile_model(model: keras.Model, config: TrainConfig, jit: bool, steps_per_execution: int = 1) -> keras.Model:
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """constant: --lr throughout. one-cycle: linear warm-up from lr/10 to lr over the first 30% of
+    the steps, then cosine annealing to zero (Smith's one-cycle, as PyTorch's OneCycleLR shapes it)."""
+    if config.schedule == "constant":
+        return config.lr
+    total = config.epochs * steps_per_epoch
+    warmup = round(0.3 * total)
+    return keras.optimizers.schedules.CosineDecay(config.lr / 10, decay_steps=total - warmup, alpha=0.0,
+                                                  warmup_target=config.lr, warmup_steps=warmup)
+
+
+def compile_model(model: keras.Model, config: TrainConfig, jit: bool, steps_per_execution: int = 1,
+                  steps_per_epoch: int = 1) -> keras.Model:
     model.compile(
-        optimizer=keras.optimizers.SGD(config.lr, momentum=config.momentum),
+        optimizer=keras.optimizers.SGD(learning_rate(config, steps_per_epoch), momentum=config.momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         # "ce" is the plain cross-entropy: the reported loss, without the L1 penalty in "loss".
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
@@ -112,7 +124,7 @@ def prepare(config: TrainConfig, steps_per_epoch: int = 1) -> tuple[keras.Model,
     set_seed(config.seed)
     with strategy.scope():
         model = build_model(config.norm, config)  # a bad --groups fails here, before any training
-        compile_model(model, config, device.jit, execution_steps(steps_per_epoch, device))
+        compile_model(model, config, device.jit, execution_steps(steps_per_epoch, device), steps_per_epoch)
     return model, device, strategy
 
 

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import zipfile
@@ -8,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from normtf.cli import app
+from normtf.config import RECIPES
 from normtf.console import console
 
 ROOT = Path(__file__).parent.parent
@@ -202,3 +204,15 @@ def test_a_failed_run_is_replaced_without_force(tmp_path):
     run("train", "--norm", "batch", *TINY, "--lr", "1e12", "--runs-dir", runs)
     result = run("train", "--norm", "batch", *TINY, "--runs-dir", runs)
     assert result.exit_code == 0 and "trained" in result.output
+
+
+def test_tuned_recipe_sets_its_values_and_given_flags_override_them(tmp_path):
+    runs = tmp_path / "runs"
+    result = run("train", "--norm", "batch-l1", "--recipe", "tuned", "--epochs", "1", "--train-size", "1000",
+                 "--test-size", "500", "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((runs / "batch-l1" / "config.json").read_text())["config"]
+    tuned = RECIPES["tuned"]
+    assert stored["epochs"] == 1  # given on the command line
+    assert {k: stored[k] for k in tuned if k != "epochs"} == {k: v for k, v in tuned.items() if k != "epochs"}
+    assert run("train", "--recipe", "fast").exit_code == 2

@@ -3,16 +3,20 @@ normtf number in the README's results table is the one in the committed files.""
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
 
+from normtf.config import TrainConfig, recipe
 from normtf.evaluation import evaluate_file
+from normtf.norms import relevant
 from normtf.runs import RunDir
 
 ROOT = Path(__file__).parent.parent
 REFERENCE = ROOT / "results" / "reference"
 RUNS = sorted(p.name for p in REFERENCE.iterdir()) if REFERENCE.is_dir() else []
+SEED = "seed-42"  # the reproduction table's runs; more seeds sit beside them
 
 
 def readme_rows():
@@ -31,7 +35,7 @@ def test_every_committed_run_is_in_the_readme_table():
 
 @pytest.mark.parametrize("norm", RUNS)
 def test_readme_numbers_are_the_committed_ones(norm):
-    run = RunDir(REFERENCE / norm)
+    run = RunDir(REFERENCE / norm / SEED)
     history, metrics = run.read_history(), run.read_metrics()
     _, _, params, first, tenth, last, best, loss = readme_rows()[norm]
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
@@ -44,7 +48,7 @@ def test_readme_numbers_are_the_committed_ones(norm):
 
 @pytest.mark.parametrize("norm", RUNS)
 def test_committed_model_re_evaluates_to_its_metrics(norm, dataset):
-    run = RunDir(REFERENCE / norm)
+    run = RunDir(REFERENCE / norm / SEED)
     metrics = run.read_metrics()
     config = json.loads(run.config.read_text())
     assert config["config"]["epochs"] == 20 and config["train_images"] == 60000 and config["test_images"] == 10000
@@ -56,3 +60,51 @@ def test_committed_model_re_evaluates_to_its_metrics(norm, dataset):
 def test_readme_figures_exist():
     for name in re.findall(r"\]\((img/[^)]+\.png)\)", (ROOT / "README.md").read_text()):
         assert (ROOT / name).is_file(), name
+
+
+RECIPE_DIRS = {"reference": REFERENCE, "tuned": ROOT / "results" / "tuned"}
+
+
+def seed_rows():
+    """[(variant, recipe, cells)] of the README's several-seed tables: variant, recipe, params,
+    seeds, final test accuracy mean ± std, each seed's final accuracy, mean best accuracy."""
+    rows = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1] in RECIPE_DIRS:
+            rows.append((cells[0].strip("`"), cells[1], cells))
+    return rows
+
+
+def test_the_readme_has_the_several_seed_tables():
+    recipes = {recipe for _, recipe, _ in seed_rows()}
+    assert recipes == {"reference", "tuned"}
+
+
+@pytest.mark.parametrize("norm,recipe,cells", seed_rows(), ids=lambda v: v if isinstance(v, str) else "")
+def test_several_seed_numbers_are_the_committed_ones(norm, recipe, cells):
+    seeds = [int(s) for s in cells[3].split(",")]
+    metrics = [RunDir(RECIPE_DIRS[recipe] / norm / f"seed-{s}").read_metrics() for s in seeds]
+    assert all(m["status"] == "finished" for m in metrics)
+    finals = [100 * m["final_test_accuracy"] for m in metrics]
+    spread = f" ± {statistics.stdev(finals):.2f}" if len(finals) > 1 else ""
+    assert cells[2] == f"{metrics[0]['trainable_params']:,}"
+    assert cells[4] == f"{statistics.fmean(finals):.2f}{spread}"
+    assert cells[5] == ", ".join(f"{v:.2f}" for v in finals)
+    assert cells[6] == f"{statistics.fmean(100 * m['best_test_accuracy'] for m in metrics):.2f}"
+
+
+TUNED = sorted(RECIPE_DIRS["tuned"].glob("*/seed-*")) if RECIPE_DIRS["tuned"].is_dir() else []
+
+
+@pytest.mark.parametrize("path", TUNED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_tuned_runs_are_the_tuned_recipe_on_full_mnist_and_re_evaluate(path, dataset):
+    run = RunDir(path)
+    stored = json.loads(run.config.read_text())
+    expected = relevant(recipe("tuned").replace(norm=path.parent.name, seed=int(path.name[5:])))
+    assert TrainConfig.from_dict(stored["config"]) == expected
+    assert stored["train_images"] == 60000 and stored["test_images"] == 10000
+    metrics = run.read_metrics()
+    assert metrics["trainable_params"] <= 10_000
+    evaluation = evaluate_file(run.model, dataset)
+    assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)

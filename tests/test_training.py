@@ -12,7 +12,7 @@ from normtf.files import atomic_write
 from normtf.models import build_model
 from normtf.norms import NORMS
 from normtf.runs import RunDir
-from normtf.training import compile_model, train
+from normtf.training import compile_model, learning_rate, train
 
 TINY = dict(epochs=1, train_size=1000, test_size=500)
 
@@ -157,3 +157,14 @@ def test_corrupt_metrics_are_reported_and_the_run_is_not_shown(dataset, tmp_path
         study.stored_results(["layer-c"], tmp_path)
     result = train(config, tmp_path, dataset=dataset, warn=warnings.append)
     assert "truncated or corrupt" in warnings[-1] and result.metrics["status"] == "finished" and not result.reused
+
+
+def test_one_cycle_warms_up_to_the_peak_and_anneals_to_zero():
+    config = TrainConfig(schedule="one-cycle", lr=0.05, epochs=10)
+    schedule = learning_rate(config, steps_per_epoch=100)
+    rates = [float(schedule(step)) for step in (0, 150, 300, 650, 999, 1000)]
+    assert rates[0] == pytest.approx(0.005) and rates[1] == pytest.approx(0.0275)  # linear from lr/10
+    assert rates[2] == pytest.approx(0.05)  # the peak at 30% of the steps
+    assert rates[3] == pytest.approx(0.025, rel=1e-3)  # cosine: half way down half way through the rest
+    assert rates[4] < 1e-5 and rates[5] == pytest.approx(0.0, abs=1e-9)
+    assert learning_rate(TrainConfig(), 100) == 0.01  # the reference recipe: constant

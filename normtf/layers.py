@@ -1,0 +1,173 @@
+"""Keras layers of our own, each a faster drop-in for a Keras layer and tested against it
+(tests/test_layers.py). The model uses these only where a profile showed the Keras layer's cost."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+BITS = 16  # random bits per element: drop probability resolved to 1/65536
+
+
+@keras.saving.register_keras_serializable(package="normtf")
+class Dropout(keras.layers.Dropout):
+    """keras.layers.Dropout with a cheaper mask: 16 random bits per element instead of a float32.
+
+    On CPU, most of Keras's dropout is the Philox generator producing one 32-bit number per element
+    (about 2.3 ns each); two 16-bit halves of one number serve two elements, and the mask is
+    applied with one multiply, also in the backward pass. The drop probability is
+    round(rate * 2^16) / 2^16 (0.100006 for 0.1) and kept elements are scaled by the exact inverse
+    of the keep probability, so the layer is unbiased. Other backends fall back to keras.random.
+    """
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0:
+            return inputs
+        if self.noise_shape is not None:  # a mask shared along some axes: Keras's own path
+            return super().call(inputs, training=training)
+        threshold = min(round(self.rate * 2**BITS), 2**BITS - 1)
+        bits = _random_bits16(inputs, self.seed_generator)
+        keep = ops.cast(bits >= threshold, inputs.dtype) * (2**BITS / (2**BITS - threshold))
+        return inputs * keep
+
+
+def _random_bits16(inputs, seed_generator):
+    """Uniform integers in [0, 2^16) shaped like `inputs`, advancing `seed_generator` as keras.random does."""
+    seed = keras.random.randint((2,), 0, 2**31 - 1, seed=seed_generator)
+    if keras.backend.backend() != "tensorflow":
+        return keras.random.randint(ops.shape(inputs), 0, 2**BITS, seed=seed)
+    import tensorflow as tf
+
+    # keras.random has no full-range integer draw. TensorFlow's costs what a float draw costs per
+    # 32-bit word, and bitcast views each word as two 16-bit halves: half the words for the mask.
+    shape = tf.shape(inputs)
+    channels = inputs.shape[-1]
+    words = tf.random.stateless_uniform(tf.concat([shape[:-1], [(channels + 1) // 2]], 0), seed=seed,
+                                        minval=None, maxval=None, dtype=tf.uint32)
+    halves = tf.reshape(tf.bitcast(words, tf.uint16), tf.concat([shape[:-1], [2 * ((channels + 1) // 2)]], 0))
+    return halves if channels % 2 == 0 else halves[..., :channels]
+
+
+def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
+    """(x - mean) / sqrt(var + eps) * gamma + beta for channels-last `x`, with statistics over each
+    sample's `groups` channel groups (per_sample: group and layer norm) or over the whole batch per
+    channel (batch norm: groups = channels). Returns the output, mean and variance per channel.
+
+    Why not Keras's: its moments and normalization are a dozen element-wise passes forward and
+    more in the autodiff backward pass. Here the sums over pixels are matrix products with a ones
+    vector (about twice as fast as reduce_sum for few channels) and the backward pass is the
+    closed-form gradient: four passes over the activations each way. The variance is two-pass,
+    over x - mean: E[x^2] - E[x]^2 would save a pass but lost 1e-4 to cancellation in tests."""
+    channels = x.shape[-1]
+    rows = ops.reshape(x, (ops.shape(x)[0] if per_sample else 1, -1, channels))  # (B, K, C)
+    count = ops.shape(rows)[1] * (channels // groups)  # elements behind one statistic
+
+    def sum_over_pixels(t):  # (B, K, C) -> (B, 1, C)
+        return ops.matmul(ops.ones_like(t[:, :1, :1]) * ops.ones((1, 1, ops.shape(t)[1]), t.dtype), t)
+
+    def group_mean(t):  # (B, 1, C) per-channel sums -> per-group means, broadcast back to channels
+        b = ops.shape(t)[0]
+        sums = ops.sum(ops.reshape(t, (b, groups, channels // groups)), axis=-1, keepdims=True)
+        return ops.reshape(ops.broadcast_to(sums, (b, groups, channels // groups)), (b, 1, channels)) / ops.cast(count, t.dtype)
+
+    mean = ops.stop_gradient(group_mean(sum_over_pixels(rows)))
+    centered = rows - mean
+    variance = ops.stop_gradient(group_mean(sum_over_pixels(ops.square(centered))))
+    inv = ops.rsqrt(variance + epsilon)
+
+    @ops.custom_gradient
+    def scale_shift(centered, gamma, beta):
+        # The gradient with respect to `centered` is the full normalization gradient with respect
+        # to x: mean and variance are constants above (stop_gradient); their dependence on x is here.
+        a = gamma * inv
+        out = centered * a + beta
+
+        def grad(*args, upstream=None):
+            dy = upstream if upstream is not None else args[0]
+            s1 = sum_over_pixels(dy)
+            s2 = sum_over_pixels(dy * centered)
+            d_centered = dy * a - centered * (inv**3 * group_mean(gamma * s2)) - inv * group_mean(gamma * s1)
+            return d_centered, ops.sum(s2 * inv, axis=(0, 1)), ops.sum(s1, axis=(0, 1))
+
+        return out, grad
+
+    out = ops.reshape(scale_shift(centered, gamma, beta), ops.shape(x))
+    return out, mean, variance
+
+
+@keras.saving.register_keras_serializable(package="normtf")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """keras.layers.BatchNormalization with a faster training step (see _normalize); inference, and
+    the options the study does not use (sync, renorm, masks, other axes), are Keras's own."""
+
+    def call(self, inputs, training=None, mask=None):
+        ours = (training and self.trainable and mask is None and not self.synchronized and not self.renorm
+                and self.scale and self.center and self.axis in (-1, len(inputs.shape) - 1))
+        if not ours:
+            return super().call(inputs, training=training, mask=mask)
+        x = ops.cast(inputs, "float32")  # statistics in float32 under mixed precision, as Keras
+        channels = x.shape[-1]
+        out, mean, variance = _normalize(x, channels, False, ops.cast(self.gamma, "float32"),
+                                         ops.cast(self.beta, "float32"), self.epsilon)
+        mean, variance = ops.reshape(mean, (channels,)), ops.reshape(variance, (channels,))
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return ops.cast(out, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="normtf")
+class GroupNormalization(keras.layers.GroupNormalization):
+    """keras.layers.GroupNormalization (groups=1: layer norm with per-channel gamma/beta), faster
+    in training and inference (see _normalize); other axes and options are Keras's own."""
+
+    def call(self, inputs):
+        if not (self.scale and self.center and self.axis in (-1, len(inputs.shape) - 1)):
+            return super().call(inputs)
+        x = ops.cast(inputs, "float32")
+        out, _, _ = _normalize(x, self.groups, True, ops.cast(self.gamma, "float32"),
+                               ops.cast(self.beta, "float32"), self.epsilon)
+        return ops.cast(out, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="normtf")
+class LayerNormalization(keras.layers.LayerNormalization):
+    """keras.layers.LayerNormalization over all of a sample's features with element-wise gamma and
+    beta (PyTorch's LayerNorm([C, H, W])), written like _normalize; other settings are Keras's own."""
+
+    def call(self, inputs):
+        axes = sorted(a % len(inputs.shape) for a in self.axis)
+        if axes != list(range(1, len(inputs.shape))) or self.rms_scaling or not (self.scale and self.center):
+            return super().call(inputs)
+        x = ops.cast(inputs, "float32")
+        size = math.prod(inputs.shape[1:])
+        rows = ops.reshape(x, (-1, size))  # (N, D)
+        gamma = ops.reshape(ops.cast(self.gamma, "float32"), (1, size))
+        beta = ops.reshape(ops.cast(self.beta, "float32"), (1, size))
+        ones_d = ops.ones((size, 1))
+
+        def row_mean(t):  # (N, D) -> (N, 1)
+            return ops.matmul(t, ones_d) / size
+
+        def column_sum(t):  # (N, D) -> (D,)
+            return ops.reshape(ops.matmul(ops.ones((1, ops.shape(t)[0])), t), (size,))
+
+        centered = rows - ops.stop_gradient(row_mean(rows))
+        inv = ops.stop_gradient(ops.rsqrt(row_mean(ops.square(centered)) + self.epsilon))
+
+        @ops.custom_gradient
+        def normalize(centered, gamma, beta):
+            normalized = centered * inv
+            out = normalized * gamma + beta
+
+            def grad(*args, upstream=None):
+                dy = upstream if upstream is not None else args[0]
+                d_normalized = dy * gamma
+                d_centered = (d_normalized * inv - normalized * (inv * row_mean(d_normalized * normalized))
+                              - inv * row_mean(d_normalized))
+                return d_centered, column_sum(dy * normalized), column_sum(dy)
+
+            return out, grad
+
+        return ops.cast(ops.reshape(normalize(centered, gamma, beta), ops.shape(inputs)), self.compute_dtype)
