@@ -119,11 +119,11 @@ def _writable(directory: Path) -> Path:
 def _config(ctx: typer.Context, parameters: dict, **overrides) -> TrainConfig:
     """The TrainConfig of a command whose parameters carry the dataclass's field names: the
     recipe's values, except where a flag was given on the command line."""
-    base = defaults.recipe(parameters.get("recipe", "reference"))
-    given = {name: value for name, value in parameters.items()
-             if name in {field.name for field in dataclasses.fields(TrainConfig)}
-             and (ctx.get_parameter_source(name).name != "DEFAULT"
-                  or name not in defaults.RECIPES[parameters.get("recipe", "reference")])}
+    name = parameters.get("recipe", "reference")
+    base = defaults.recipe(name)
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in parameters.items()
+             if k in fields and (k not in defaults.RECIPES[name] or ctx.get_parameter_source(k).name != "DEFAULT")}
     return base.replace(**{**given, **overrides}).validate()
 
 
@@ -141,9 +141,11 @@ def data(data_dir: DataDir = None):
 
 @app.command()
 @friendly
-def train(ctx: typer.Context, norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {NORM_HELP}.")] = NormName("batch-l1"),
+def train(ctx: typer.Context,
+          norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {NORM_HELP}.")] = NormName("batch-l1"),
           recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
-          lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
+          lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
+          dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
           train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
           jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
@@ -165,9 +167,11 @@ def train(ctx: typer.Context, norm: Annotated[NormName, typer.Option(help=f"Norm
 
 @app.command()
 @friendly
-def compare(ctx: typer.Context, norm: Norms = None, all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
+def compare(ctx: typer.Context, norm: Norms = None,
+            all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
             recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
-            lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum, dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
+            lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
+            dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
             groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
             train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
             jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,

@@ -65,7 +65,7 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
     count = ops.shape(rows)[1] * (channels // groups)  # elements behind one statistic
 
     def sum_over_pixels(t):  # (B, K, C) -> (B, 1, C)
-        return ops.matmul(ops.ones_like(t[:, :1, :1]) * ops.ones((1, 1, ops.shape(t)[1]), t.dtype), t)
+        return ops.matmul(ops.ones((ops.shape(t)[0], 1, ops.shape(t)[1]), t.dtype), t)
 
     def group_mean(t):  # (B, 1, C) per-channel sums -> per-group means, broadcast back to channels
         b = ops.shape(t)[0]
