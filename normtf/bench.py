@@ -1,9 +1,12 @@
 """`normtf bench`: normtf's training speed against the reference PyTorch loop, on this machine.
 
 Every measurement runs in its own process (`python -m normtf.bench --worker SPEC`), so that its
-peak memory is its own and TensorFlow and PyTorch never share a process. Each process times
-`repeats` consecutive windows of `steps` training steps after `warmup` steps; the report gives
-the median window. How far an epoch is from what the hardware allows is measured against a
+peak memory is its own and TensorFlow and PyTorch never share a process. For each variant the two
+processes warm up, then take turns: a window of `steps` training steps in normtf while PyTorch
+waits, then one in PyTorch while normtf waits, `repeats` times. Interleaved, a change in the
+machine's speed (another tenant, a turbo state) hits both sides of the ratio alike; measured one
+after the other, the reference's median moved by 30% between two runs. The report gives each
+side's median window. How far an epoch is from what the hardware allows is measured against a
 FLOP floor: the model's training FLOPs at the machine's best float32 matmul rate.
 """
 
@@ -30,12 +33,11 @@ from normtf.files import write_json
 
 EPOCH_IMAGES = 60_000  # one epoch of MNIST's training set
 # (warm-up steps, timed steps per repeat). Most of a worker's time is fixed (imports, tracing), so
-# quick keeps the repeats but times 10 steps and one evaluation, for a rough look in under two
-# minutes: most of a worker's time is fixed (imports, tracing), so that is all it can cut.
+# quick keeps the repeats but times 10 steps and one evaluation: a rough look in under two minutes.
 SETTINGS = {False: (20, 150), True: (5, 10)}
 
 
-def run_benchmark(norms: list[str], repeats: int = 3, quick: bool = False, steps: int | None = None,
+def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps: int | None = None,
                   reference: bool = True, out: Path | None = Path("results/bench.json"), progress=None) -> dict:
     """Measure each variant in normtf and (reference=True) in the PyTorch reference; write `out`."""
     from normtf.norms import get_norm
@@ -59,16 +61,25 @@ def run_benchmark(norms: list[str], repeats: int = 3, quick: bool = False, steps
             "PyTorch's most (its threads spin-wait for cores another process holds)")
 
     say("measuring the float32 matmul peak")
-    gflops = _spawn("peak")["gflops"]
+    gflops = _Worker("peak").result()["gflops"]
     variants = {}
     for norm in norms:
-        say(f"{norm}: normtf, {warmup} + {repeats} x {steps} steps, then evaluation")
-        ours = _spawn("normtf", norm=norm, evals=settings["evals"], **window)
-        theirs = None
-        if reference:
-            say(f"{norm}: PyTorch reference")
-            theirs = _spawn("torch", norm=norm, **window)
-        variants[norm] = _summarize(ours, theirs, gflops)
+        say(f"{norm}: {warmup} warm-up steps, then {repeats} x {steps} steps"
+            + (" in normtf and the reference by turns" if reference else "") + ", then evaluation")
+        ours = _Worker("normtf", norm=norm, evals=settings["evals"], **window)
+        theirs = _Worker("torch", norm=norm, **window) if reference else None
+        workers = [w for w in (ours, theirs) if w]
+        try:
+            for _ in range(repeats):
+                for worker in workers:
+                    worker.wait_ready()  # both warmed up (or done): nothing else runs during a window
+                for worker in workers:
+                    worker.run_window()
+            ours.run_window()  # the evaluations, after the reference has finished
+            variants[norm] = _summarize(ours.result(), theirs.result() if theirs else None, gflops)
+        finally:
+            for worker in workers:
+                worker.stop()  # a worker left waiting when the other failed (or on Ctrl-C)
 
     result = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -98,6 +109,9 @@ def _summarize(ours: dict, theirs: dict | None, gflops: float) -> dict:
                    "eval_seconds_all": ours["eval_seconds"], "flops_per_image": ours["flops_per_image"]},
         "reference": reference,
         "ratio": speed / reference["images_per_second"] if reference else None,
+        # normtf's window over the reference window that followed it: how much the ratio itself varies
+        "ratio_by_window": ([a / b for a, b in zip(ours["images_per_second"], theirs["images_per_second"])]
+                            if theirs else None),
         "epoch_seconds": epoch,
         "floor_epoch_seconds": floor,
         "epoch_vs_floor": epoch / floor,
@@ -135,22 +149,73 @@ def format_table(result: dict) -> Table:
 
 # --- the workers, each in its own process ----------------------------------------------------------
 
-def _spawn(kind: str, **spec) -> dict:
-    command = [sys.executable, "-m", "normtf.bench", "--worker", json.dumps({"kind": kind, **spec})]
-    package_root = str(Path(__file__).resolve().parent.parent)  # found even when normtf is not installed
-    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        result = None
-    if result and "error" in result:
-        raise NormtfError(result["error"])
-    if proc.returncode or result is None:
-        raise NormtfError(f"the {kind} benchmark process failed (exit {proc.returncode}):\n"
-                          f"{proc.stderr.strip()[-2000:]}")
-    return result
+class _Worker:
+    """One measurement process. It runs each timed phase only when told to (run_window), so that
+    the parent can keep every other worker idle meanwhile, and prints its result as JSON last."""
+
+    def __init__(self, kind: str, **spec):
+        self.kind, self.output, self.ready = kind, [], False
+        command = [sys.executable, "-m", "normtf.bench", "--worker", json.dumps({"kind": kind, **spec})]
+        package_root = str(Path(__file__).resolve().parent.parent)  # found even when normtf is not installed
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+
+    def wait_ready(self) -> None:
+        """Wait until the worker waits for its next timed phase (warmed up, or done with the last)."""
+        if not self.ready:
+            self._read_until(READY)
+            self.ready = True
+
+    def run_window(self) -> None:
+        """Let the worker run its next timed phase, and wait for the phase to end."""
+        self.wait_ready()
+        self.proc.stdin.write(GO + "\n")
+        self.proc.stdin.flush()
+        self._read_until(DONE)
+        self.ready = False
+
+    def result(self) -> dict:
+        out, err = self.proc.communicate()
+        self.output += out.splitlines()
+        try:
+            result = json.loads(self.output[-1])
+        except (IndexError, ValueError):
+            result = None
+        if result and "error" in result:
+            raise NormtfError(result["error"])
+        if self.proc.returncode or result is None:
+            raise NormtfError(f"the {self.kind} benchmark process failed (exit {self.proc.returncode}):\n"
+                              f"{err.strip()[-2000:]}")
+        return result
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _read_until(self, word: str) -> None:
+        for line in self.proc.stdout:
+            if line.strip() == word:
+                return
+            self.output.append(line)
+        self.result()  # the worker ended early: raises with its error or its stderr
+        raise NormtfError(f"the {self.kind} benchmark process ended before its last timed phase")
+
+
+READY, GO, DONE = "ready", "go", "done"
+
+
+def _gate():
+    """In a worker: announce that the next timed phase can start, and start it when told."""
+    print(READY, flush=True)
+    if sys.stdin.readline().strip() != GO:
+        sys.exit(1)  # the parent went away
+
+
+def _phase_done():
+    print(DONE, flush=True)
 
 
 def flops_per_image(model) -> int:
@@ -162,8 +227,10 @@ def flops_per_image(model) -> int:
     return 6 * macs
 
 
-def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int) -> dict:
+def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int,
+                   gate=lambda: None, done=lambda: None) -> dict:
     """normtf's training step as `normtf train` runs it, then `evals` timed 10k-image evaluations.
+    gate() is called before each timed phase (windows, evaluations) and done() after it.
 
     The timing callback sees what `normtf train`'s own callbacks see, once per execution of
     `steps_per_execution` steps, so the timed loop is the one training runs."""
@@ -179,30 +246,49 @@ def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int)
     model, _, _ = prepare(config, per_epoch)
     train = mnist.train_dataset(data.x_train, data.y_train, batch, config.seed, config.rotation, 0,
                                 -(-total // per_epoch))
-    marks = []  # (last step of an execution, when it ended): Keras reports every `steps_per_execution`
-    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda step, logs: marks.append((step, time.perf_counter())))
-    model.fit(train, epochs=1, steps_per_epoch=total, callbacks=[clock], verbose=0)
     sizes = [min(batch, n - (step % per_epoch) * batch) for step in range(total + per_epoch)]  # short last batch
-    rates = []
-    for k in range(repeats):
-        first = next(m for m in marks if m[0] >= warmup - 1 + k * steps)
-        last = next(m for m in marks if m[0] >= first[0] + steps)
-        rates.append(sum(sizes[first[0] + 1:last[0] + 1]) / (last[1] - first[1]))
+    windows = _Windows([warmup - 1 + k * steps for k in range(repeats + 1)], sizes, gate, done)
+    model.fit(train, epochs=1, steps_per_epoch=total, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=windows)])
 
     test = mnist.test_dataset(data.x_test, data.y_test, EVAL_BATCH)
-    model.evaluate(test, verbose=0)  # warm-up: traces the test step and fills the dataset cache
+    gate()
+    model.evaluate(test, verbose=0)  # warm-up, not timed: traces the test step and fills the dataset cache
     eval_seconds = []
     for _ in range(evals):
         start = time.perf_counter()
         model.evaluate(test, verbose=0)
         eval_seconds.append(time.perf_counter() - start)
-    return {"images_per_second": rates, "eval_seconds": eval_seconds, "flops_per_image": flops_per_image(model)}
+    done()
+    return {"images_per_second": windows.rates, "eval_seconds": eval_seconds, "flops_per_image": flops_per_image(model)}
 
 
-def measure_reference(norm: str, steps: int, warmup: int, repeats: int) -> dict:
+class _Windows:
+    """on_train_batch_end for fit: times the steps between consecutive `boundaries` (step indices),
+    calling gate() as a window opens and done() as it closes; training waits inside gate()."""
+
+    def __init__(self, boundaries, sizes, gate, done):
+        self.boundaries, self.sizes, self.gate, self.done = list(boundaries), sizes, gate, done
+        self.rates, self.opened = [], None
+
+    def __call__(self, step, logs=None):
+        if not self.boundaries or step < self.boundaries[0]:
+            return
+        now = time.perf_counter()
+        self.boundaries.pop(0)
+        if self.opened is not None:
+            first, start = self.opened
+            self.rates.append(sum(self.sizes[first + 1:step + 1]) / (now - start))
+            self.done()
+        if self.boundaries:
+            self.gate()
+            self.opened = (step, time.perf_counter())
+
+
+def measure_reference(norm: str, steps: int, warmup: int, repeats: int, gate=lambda: None, done=lambda: None) -> dict:
     from normtf import torch_reference
 
-    return {"images_per_second": torch_reference.measure(norm, steps, warmup, repeats)}
+    return {"images_per_second": torch_reference.measure(norm, steps, warmup, repeats, gate, done)}
 
 
 def matmul_gflops(seconds: float = 2.0, size: int = 2048) -> dict:
@@ -226,8 +312,11 @@ WORKERS = {"normtf": measure_normtf, "torch": measure_reference, "peak": matmul_
 def _worker(spec: str) -> int:
     """Run one measurement and print its result as the last line of stdout, JSON."""
     spec = json.loads(spec)
+    kind = spec.pop("kind")
+    if kind != "peak":  # timed phases wait for the parent's go
+        spec.update(gate=_gate, done=_phase_done)
     try:
-        result = WORKERS[spec.pop("kind")](**spec)
+        result = WORKERS[kind](**spec)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     except NormtfError as e:
         result = {"error": str(e)}

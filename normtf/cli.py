@@ -290,7 +290,7 @@ def diagrams(img_dir: ImgDir = Path("img"), groups: Groups = DEFAULTS.groups):
 @app.command()
 @friendly
 def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", help="A rough look in about two minutes: 10-step windows, one evaluation.")] = False,
-          repeats: Annotated[int, typer.Option(help="Timed windows per measurement; the median is reported.")] = 3,
+          repeats: Annotated[int, typer.Option(help="Timed windows per framework, normtf and the reference by turns; the median is reported.")] = 5,
           steps: Annotated[Optional[int], typer.Option(help="Training steps per timed window.")] = None,
           reference: Annotated[bool, typer.Option(help="Also time the PyTorch reference loop (pip install 'normtf[bench]').")] = True,
           out: Annotated[Path, typer.Option(help="Where the results are written as JSON.")] = Path("results/bench.json")):

@@ -53,11 +53,14 @@ def _random_bits16(inputs, seed_generator):
 def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
     """(x - mean) / sqrt(var + eps) * gamma + beta for channels-last `x`, with statistics over each
     sample's `groups` channel groups (per_sample: group and layer norm) or over the whole batch per
-    channel (batch norm: groups = channels). Returns the output, mean and variance per channel.
+    channel (batch norm: groups = channels). Returns the output, mean and variance (for batch norm
+    one per channel, shaped (1, 1, C)).
 
     Why not Keras's: its moments and normalization are a dozen element-wise passes forward and
     more in the autodiff backward pass. Here the sums over pixels are matrix products with a ones
-    vector (about twice as fast as reduce_sum for few channels) and the backward pass is the
+    vector (1.6x as fast as reduce_sum for few channels), sums of squares one fused
+    reduction, one group's statistics stay per-sample scalars (a (B, 1, 1) operand broadcasts over
+    the activations at about half the cost of a (B, 1, C) one), and the backward pass is the
     closed-form gradient: four passes over the activations each way. The variance is two-pass,
     over x - mean: E[x^2] - E[x]^2 would save a pass but lost 1e-4 to cancellation in tests."""
     channels = x.shape[-1]
@@ -67,15 +70,24 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
     def sum_over_pixels(t):  # (B, K, C) -> (B, 1, C)
         return ops.matmul(ops.ones((ops.shape(t)[0], 1, ops.shape(t)[1]), t.dtype), t)
 
-    def group_mean(t):  # (B, 1, C) per-channel sums -> per-group means, broadcast back to channels
-        b = ops.shape(t)[0]
+    def group_mean(t):  # (B, 1, C) per-channel sums -> per-group means: (B, 1, 1) for one group, else
+        b = ops.shape(t)[0]  # broadcast back to (B, 1, C)
+        if groups == 1:
+            return ops.sum(t, axis=-1, keepdims=True) / ops.cast(count, t.dtype)
         sums = ops.sum(ops.reshape(t, (b, groups, channels // groups)), axis=-1, keepdims=True)
         return ops.reshape(ops.broadcast_to(sums, (b, groups, channels // groups)), (b, 1, channels)) / ops.cast(count, t.dtype)
 
-    mean = ops.stop_gradient(group_mean(sum_over_pixels(rows)))
-    centered = rows - mean
-    variance = ops.stop_gradient(group_mean(sum_over_pixels(ops.square(centered))))
-    inv = ops.rsqrt(variance + epsilon)
+    if groups == 1:  # one statistic per sample: reductions along each sample's contiguous row are cheapest
+        samples = ops.shape(rows)[0]
+        mean = ops.stop_gradient(ops.reshape(ops.mean(ops.reshape(rows, (samples, -1)), axis=1), (samples, 1, 1)))
+        centered = rows - mean
+        squares = _sum_of_squares(ops.reshape(centered, (samples, -1)), axis=1)
+        variance = ops.reshape(squares, (samples, 1, 1)) / ops.cast(count, x.dtype)
+    else:
+        mean = ops.stop_gradient(group_mean(sum_over_pixels(rows)))
+        centered = rows - mean
+        variance = group_mean(_sum_of_squares(centered, axis=1))
+    inv = ops.rsqrt(ops.stop_gradient(variance) + epsilon)
 
     @ops.custom_gradient
     def scale_shift(centered, gamma, beta):
@@ -95,6 +107,18 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
 
     out = ops.reshape(scale_shift(centered, gamma, beta), ops.shape(x))
     return out, mean, variance
+
+
+def _sum_of_squares(t, axis: int):
+    """Sum of squares along `axis`, kept as a size-1 axis. TensorFlow's euclidean-norm reduction
+    squares and sums in one pass, where square-then-sum writes the squares and reads them back:
+    for the six blocks' activations, 2.4 against 3.0 ms at batch 128, 7.9 against 12.9 ms at the
+    evaluation's batch of 1000."""
+    if keras.backend.backend() != "tensorflow":
+        return ops.sum(ops.square(t), axis=axis, keepdims=True)
+    import tensorflow as tf
+
+    return ops.square(tf.math.reduce_euclidean_norm(t, axis=axis, keepdims=True))
 
 
 @keras.saving.register_keras_serializable(package="normtf")
@@ -154,7 +178,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
             return ops.reshape(ops.matmul(ops.ones((1, ops.shape(t)[0])), t), (size,))
 
         centered = rows - ops.stop_gradient(row_mean(rows))
-        inv = ops.stop_gradient(ops.rsqrt(row_mean(ops.square(centered)) + self.epsilon))
+        inv = ops.stop_gradient(ops.rsqrt(_sum_of_squares(centered, axis=1) / size + self.epsilon))
 
         @ops.custom_gradient
         def normalize(centered, gamma, beta):

@@ -61,8 +61,9 @@ def rotate(images: torch.Tensor, max_degrees: float) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def measure(norm: str, steps: int, warmup: int, repeats: int) -> list[float]:
-    """Training images per second over `repeats` windows of `steps` steps, after `warmup` steps."""
+def measure(norm: str, steps: int, warmup: int, repeats: int, gate=lambda: None, done=lambda: None) -> list[float]:
+    """Training images per second over `repeats` windows of `steps` steps, after `warmup` steps;
+    gate() is called before each window and done() after it."""
     config = TrainConfig(norm=norm)
     torch.manual_seed(config.seed)
     data = load_mnist()
@@ -90,7 +91,9 @@ def measure(norm: str, steps: int, warmup: int, repeats: int) -> list[float]:
         step(next(stream))
     rates = []
     for _ in range(repeats):
+        gate()
         start = time.perf_counter()
         images = sum(step(next(stream)) for _ in range(steps))
         rates.append(images / (time.perf_counter() - start))
+        done()
     return rates

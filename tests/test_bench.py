@@ -50,3 +50,43 @@ def test_table_renders_without_reference():
     result = {"settings": {"repeats": 3, "steps": 20, "warmup": 10, "batch_size": 128},
               "machine": {"cpu_count": 2, "matmul_gflops": 480.0}, "variants": {"batch": variant}}
     assert bench.format_table(result).row_count == 1
+
+
+class _Clock:
+    """time.perf_counter for bench._Windows: the current step number, in seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.mark.parametrize("every", [1, 3])  # steps_per_execution: Keras reports every `every` steps
+def test_windows_pause_at_each_boundary_and_count_the_images_between(monkeypatch, every):
+    clock = _Clock()
+    monkeypatch.setattr(bench, "time", clock)
+    events = []
+    sizes = [128] * 40
+    sizes[10] = 96  # an epoch's short last batch
+    windows = bench._Windows([4, 14, 24], sizes, gate=lambda: events.append(("gate", step)),
+                             done=lambda: events.append(("done", step)))
+    for step in range(every - 1, 40, every):
+        clock.now = float(step)
+        windows(step)
+    opened = [s for kind, s in events if kind == "gate"]
+    closed = [s for kind, s in events if kind == "done"]
+    assert [kind for kind, _ in events] == ["gate", "done", "gate", "done"]  # strictly alternating
+    assert len(windows.rates) == 2 and opened[1] == closed[0]
+    for (start, end), rate in zip(zip(opened, closed), windows.rates):
+        assert start >= 4 and end - start >= 10 - every + 1
+        assert rate == pytest.approx(sum(sizes[start + 1:end + 1]) / (end - start))
+    assert windows.rates[0] < 128  # the short batch is counted as 96 images
+
+
+def test_a_failing_worker_reports_its_error_to_the_benchmark():
+    from normtf.errors import NormtfError
+
+    worker = bench._Worker("normtf", norm="no-such-norm", steps=1, warmup=1, repeats=1, evals=1)
+    with pytest.raises(NormtfError, match="unknown norm 'no-such-norm'"):
+        worker.run_window()
