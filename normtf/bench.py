@@ -21,6 +21,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -159,8 +160,10 @@ class _Worker:
         package_root = str(Path(__file__).resolve().parent.parent)  # found even when normtf is not installed
         path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        # stderr to a file, not a pipe: nobody reads it until the end, and a full pipe would block the worker
+        self.errors = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+                                     stderr=self.errors, text=True, env=env)
 
     def wait_ready(self) -> None:
         """Wait until the worker waits for its next timed phase (warmed up, or done with the last)."""
@@ -177,7 +180,7 @@ class _Worker:
         self.ready = False
 
     def result(self) -> dict:
-        out, err = self.proc.communicate()
+        out, _ = self.proc.communicate()
         self.output += out.splitlines()
         try:
             result = json.loads(self.output[-1])
@@ -186,8 +189,9 @@ class _Worker:
         if result and "error" in result:
             raise NormtfError(result["error"])
         if self.proc.returncode or result is None:
+            self.errors.seek(0)
             raise NormtfError(f"the {self.kind} benchmark process failed (exit {self.proc.returncode}):\n"
-                              f"{err.strip()[-2000:]}")
+                              f"{self.errors.read().strip()[-2000:]}")
         return result
 
     def stop(self) -> None:

@@ -85,6 +85,9 @@ Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
 
 
+MAX_SEED_COUNT = 10
+
+
 def _seeds(text: str | None, first: int) -> list[int] | None:
     if text is None:
         return None
@@ -93,9 +96,13 @@ def _seeds(text: str | None, first: int) -> list[int] | None:
     except ValueError:
         raise UsageError(f"--seeds takes a count or seeds separated by commas (got {text!r})") from None
     if len(values) == 1 and "," not in text:
-        if values[0] < 1:
-            raise UsageError(f"--seeds must be at least 1 (got {values[0]})")
-        return list(range(first, first + values[0]))
+        count = values[0]
+        if count < 1:
+            raise UsageError(f"--seeds must be at least 1 (got {count})")
+        if count > MAX_SEED_COUNT:  # most likely a seed typed where a count goes: hours of training
+            raise UsageError(f"--seeds {count} is a count: {count} full runs. For seed {count} alone use --seed "
+                             f"{count}; for more than {MAX_SEED_COUNT} seeds list them (--seeds {first},{first + 1},...)")
+        return list(range(first, first + count))
     return list(dict.fromkeys(values))
 
 

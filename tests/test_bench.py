@@ -90,3 +90,10 @@ def test_a_failing_worker_reports_its_error_to_the_benchmark():
     worker = bench._Worker("normtf", norm="no-such-norm", steps=1, warmup=1, repeats=1, evals=1)
     with pytest.raises(NormtfError, match="unknown norm 'no-such-norm'"):
         worker.run_window()
+
+
+def test_a_crashed_worker_reports_what_it_printed_to_stderr():
+    from normtf.errors import NormtfError
+
+    with pytest.raises(NormtfError, match="failed \\(exit 1\\)(.|\\n)*KeyError: 'no-such-kind'"):
+        bench._Worker("no-such-kind").result()

@@ -168,10 +168,15 @@ def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
     assert result.exit_code == 0 and result.output.count("already holds this finished run") == 2
 
 
-@pytest.mark.parametrize("seeds", ["0", "4x", "1,,2"])
+@pytest.mark.parametrize("seeds", ["0", "4x", "1,,2", "42"])
 def test_bad_seeds_are_usage_errors(seeds):
     result = run("train", "--seeds", seeds)
     assert result.exit_code == 2 and "--seeds" in result.output
+
+
+def test_a_seed_typed_as_a_count_points_to_seed():
+    result = run("compare", "--norm", "group", "--seeds", "42")
+    assert result.exit_code == 2 and "--seed 42" in " ".join(result.output.split())
 
 
 def test_gallery_on_a_truncated_model_is_a_clear_error(tmp_path):
