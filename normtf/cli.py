@@ -5,46 +5,70 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, not ours
+import typer
 
-import typer  # noqa: E402
-
-from normtf import config as defaults  # noqa: E402
-from normtf.config import RECIPES, TrainConfig  # noqa: E402
-from normtf.errors import Interrupted, NormtfError, UsageError  # noqa: E402
-from normtf.norms import NORMS  # noqa: E402
+from normtf import config as defaults
+from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
+from normtf.errors import Interrupted, NormtfError, RunFailed, UsageError
+from normtf.norms import NORMS
 
 app = typer.Typer(help="normtf: batch, layer and group normalization on an MNIST CNN, measured and drawn.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 NormName = enum.Enum("NormName", {name: name for name in NORMS}, type=str)
 DEFAULTS = TrainConfig()
 
+# Exit codes: documented in the README ("Exit codes"), tested in tests/test_cli.py.
+EXIT_ERROR, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
-def friendly(command):
-    """A user's mistake or an interruption ends in one clear line and an exit code, not a traceback."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from normtf.console import err_console
 
-        def fail(message: str, code: int):
-            err_console.print(message, highlight=False, soft_wrap=True)
-            raise typer.Exit(code)
+@app.callback()
+def options(verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show TensorFlow's start-up and runtime log lines (hidden by default).")] = False):
+    from normtf import quiet
 
-        try:
-            return command(*args, **kwargs)
-        except Interrupted as e:
-            fail(f"[yellow]{e}[/]", 130)
-        except KeyboardInterrupt:
-            fail("[yellow]interrupted[/]; finished runs and epochs are kept", 130)
-        except NormtfError as e:
-            fail(f"[red]error:[/] {e}", 2 if isinstance(e, UsageError) else 1)
-        except OSError as e:  # a full disk, a read-only directory: say which file, keep it short
-            fail(f"[red]error:[/] {e.strerror or e} ({e.filename or 'no file name'}); nothing finished was lost", 1)
-    return wrapper
+    quiet.verbose = verbose
+
+
+def friendly(tensorflow: bool = True):
+    """Every value of the command checked (config.RULES) before anything else happens; then
+    TensorFlow started quietly if the command needs it; a user's mistake, a failed run or an
+    interruption ends in one clear line and an exit code, not a traceback."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            from rich.markup import escape
+
+            from normtf.console import err_console
+
+            def fail(message: str, code: int):
+                err_console.print(message, highlight=False, soft_wrap=True)
+                raise typer.Exit(code)
+
+            try:
+                check_options(kwargs)
+                if tensorflow:
+                    from normtf.quiet import start_tensorflow
+
+                    start_tensorflow()
+                return command(*args, **kwargs)
+            except Interrupted as e:
+                fail(f"[yellow]{escape(str(e))}[/]", EXIT_INTERRUPTED)
+            except KeyboardInterrupt:
+                fail("[yellow]interrupted[/]; finished runs and epochs are kept", EXIT_INTERRUPTED)
+            except RunFailed as e:
+                fail(f"[red]failed:[/] {escape(str(e))}", EXIT_RUN_FAILED)
+            except NormtfError as e:
+                fail(f"[red]error:[/] {escape(str(e))}", EXIT_USAGE if isinstance(e, UsageError) else EXIT_ERROR)
+            except OSError as e:  # a full disk, a read-only directory: say which file, keep it short
+                fail(f"[red]error:[/] {escape(str(e.strerror or e))} ({escape(str(e.filename or 'no file name'))}); "
+                     "nothing finished was lost",
+                     EXIT_ERROR)
+        return wrapper
+    return decorate
 
 
 NORM_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())
@@ -56,9 +80,9 @@ DataDir = Annotated[Optional[Path], typer.Option(
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
 Lr = Annotated[float, typer.Option(help="SGD learning rate.")]
-Schedule = Annotated[str, typer.Option(help="Learning rate schedule: constant, or one-cycle (warm-up to --lr, "
-                                            "cosine down to zero).")]
-Recipe = Annotated[str, typer.Option(help="Starting settings: " + "; ".join(
+Schedule = Annotated[Literal[defaults.SCHEDULES], typer.Option(help=(
+    "Learning rate schedule: constant, or one-cycle (warm-up to --lr, cosine down to zero)."))]
+Recipe = Annotated[Literal[tuple(RECIPES)], typer.Option(help="Starting settings: " + "; ".join(
     f"{name}: {', '.join(f'{k} {v}' for k, v in values.items()) or 'the study (lr 0.01 constant, 20 epochs)'}"
     for name, values in RECIPES.items()) + ". Flags given override them.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
@@ -69,45 +93,27 @@ Rotation = Annotated[float, typer.Option(help="Random rotation of training image
 Seed = Annotated[int, typer.Option(help="One seed for Python, NumPy and TensorFlow.")]
 TrainSize = Annotated[Optional[int], typer.Option(help="Train on a seeded class-stratified subset of N images.")]
 TestSize = Annotated[Optional[int], typer.Option(help="Test on a seeded class-stratified subset of N images.")]
-Precision = Annotated[str, typer.Option(
+Precision = Annotated[Literal[defaults.PRECISIONS], typer.Option(
     help="auto (mixed_float16 on a GPU, float32 on CPU), float32, mixed_float16 or mixed_bfloat16.")]
-Jit = Annotated[str, typer.Option(help="XLA compilation: auto (on for GPU, off for CPU), on or off.")]
+Jit = Annotated[Literal[defaults.JIT_MODES], typer.Option(help="XLA compilation: auto (on for GPU, off for CPU), on or off.")]
 Deterministic = Annotated[bool, typer.Option(
-    "--deterministic", help="TensorFlow op determinism: bit-identical reruns and resumes, somewhat slower.")]
-Strategy = Annotated[str, typer.Option(
+    "--deterministic", help="TensorFlow op determinism: bit-identical reruns and resumes (no measurable cost on CPU).")]
+Strategy = Annotated[Literal[defaults.STRATEGIES], typer.Option(
     help="default (one device), mirrored (all local GPUs) or multi-worker (machines named by TF_CONFIG); "
          "the batch is split over the replicas.")]
 SyncBn = Annotated[bool, typer.Option("--sync-bn", help="Batch norm statistics over the global batch of all replicas.")]
 Seeds = Annotated[Optional[str], typer.Option(
     help="Several seeds, one run each under <runs-dir>/<norm>/seed-<s>/: a list (42,43,44) or a count (3: "
          "--seed and the next two).")]
+StepsPerExecution = Annotated[Optional[int], typer.Option(
+    help="Training steps per call into TensorFlow, rounded down to a divisor of the epoch's steps. Default: 32 on "
+         "a GPU, 1 on CPU. With --jit on --precision mixed_float16 it asks for the GPU configuration on any machine.")]
 Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished run with these settings exists.")]
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
 
 
-MAX_SEED_COUNT = 10
-
-
-def _seeds(text: str | None, first: int) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--seeds takes a count or seeds separated by commas (got {text!r})") from None
-    if len(values) == 1 and "," not in text:
-        count = values[0]
-        if count < 1:
-            raise UsageError(f"--seeds must be at least 1 (got {count})")
-        if count > MAX_SEED_COUNT:  # most likely a seed typed where a count goes: hours of training
-            raise UsageError(f"--seeds {count} is a count: {count} full runs. For seed {count} alone use --seed "
-                             f"{count}; for more than {MAX_SEED_COUNT} seeds list them (--seeds {first},{first + 1},...)")
-        return list(range(first, first + count))
-    return list(dict.fromkeys(values))
-
-
 def _progress(with_seed: bool):
-    from normtf.console import EpochProgress
+    from normtf.progress import EpochProgress
 
     return lambda c: [EpochProgress(f"{c.norm} seed {c.seed}" if with_seed else c.norm)]
 
@@ -135,9 +141,9 @@ def _config(ctx: typer.Context, parameters: dict, **overrides) -> TrainConfig:
 
 
 @app.command()
-@friendly
+@friendly(tensorflow=False)
 def data(data_dir: DataDir = None):
-    """Make MNIST available (verified by SHA-256) and print where it is."""
+    """Make MNIST available and print where it is. Every file is verified by its SHA-256."""
     from normtf.console import console, warn
     from normtf.data import load_mnist
 
@@ -147,7 +153,7 @@ def data(data_dir: DataDir = None):
 
 
 @app.command()
-@friendly
+@friendly()
 def train(ctx: typer.Context,
           norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {NORM_HELP}.")] = NormName("batch-l1"),
           recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
@@ -155,25 +161,26 @@ def train(ctx: typer.Context,
           dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
           train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
-          jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
+          jit: Jit = DEFAULTS.jit, steps_per_execution: StepsPerExecution = None, deterministic: Deterministic = False,
           seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
           data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False):
-    """Train one variant into <runs-dir>/<norm>/; run it again to resume an interrupted run."""
+    """Train one variant. The run goes into <runs-dir>/<norm>/; run the same command again to resume it."""
     from normtf import study
     from normtf.console import console, results_table, warn
 
     config = _config(ctx, locals(), norm=norm.value)
-    results = study.compare([config.norm], config, runs_dir, _seeds(seeds, seed), _progress(bool(seeds)), force,
+    results = study.compare([config.norm], config, runs_dir, parse_seeds(seeds, seed), _progress(bool(seeds)), force,
                             data_dir, tensorboard, warn)
     for result in results:
         if result.reused:
             console.print(f"{result.run.path} already holds this finished run (use --force to retrain).")
     console.print(results_table(study.by_norm(results), title=f"normtf train {config.norm}"))
     console.print("files in " + ", ".join(str(r.run.path) for r in results))
+    study.raise_if_failed(results)
 
 
 @app.command()
-@friendly
+@friendly()
 def compare(ctx: typer.Context, norm: Norms = None,
             all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
             recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
@@ -181,11 +188,11 @@ def compare(ctx: typer.Context, norm: Norms = None,
             dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
             groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
             train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
-            jit: Jit = DEFAULTS.jit, deterministic: Deterministic = False,
-            seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
+            jit: Jit = DEFAULTS.jit, steps_per_execution: StepsPerExecution = None,
+            deterministic: Deterministic = False, seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
             img_dir: ImgDir = Path("img"), data_dir: DataDir = None, tensorboard: Tensorboard = False,
             force: Force = False):
-    """Train several variants in turn (finished runs are reused), then draw their curves and mistakes."""
+    """Train several variants, then draw them. Finished runs are reused; the figures show the curves and mistakes."""
     from normtf import study
     from normtf.console import console, results_table, warn
 
@@ -194,17 +201,18 @@ def compare(ctx: typer.Context, norm: Norms = None,
         raise UsageError("name the variants with --norm (repeatable) or use --all")
     config = _config(ctx, locals(), norm=norms[0])
     _writable(img_dir)
-    results = study.compare(norms, config, runs_dir, _seeds(seeds, seed), _progress(bool(seeds)), force, data_dir,
+    results = study.compare(norms, config, runs_dir, parse_seeds(seeds, seed), _progress(bool(seeds)), force, data_dir,
                             tensorboard, warn)
     console.print(results_table(study.by_norm(results), title="normtf compare"))
     written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
                *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]
     written = [str(path) for path in written if path]
     console.print("figures: " + ", ".join(written) if written else "no figures: no run finished")
+    study.raise_if_failed(results)
 
 
 @app.command()
-@friendly
+@friendly()
 def sweep(ctx: typer.Context, norm: Norms = None,
           batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
               map(str, defaults.SWEEP_BATCH_SIZES)),
@@ -215,60 +223,59 @@ def sweep(ctx: typer.Context, norm: Norms = None,
           seed: Seed = DEFAULTS.seed, groups: Groups = DEFAULTS.groups, runs_dir: RunsDir = Path("runs/sweep"),
           out: Annotated[Path, typer.Option(help="The sweep's table as JSON.")] = Path("results/sweep.json"),
           img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
-    """Train each variant at each batch size on the same image budget; plot test error vs batch size."""
+    """Test error against batch size. Each variant at each batch size, on the same budget of images."""
     from normtf import sweep as sweeps
-    from normtf.console import EpochProgress, console, sweep_table, warn
+    from normtf.console import console, sweep_table, warn
+    from normtf.progress import EpochProgress
 
-    try:
-        sizes = [int(size) for size in batch_sizes.split(",")]
-    except ValueError:
-        raise UsageError(f"--batch-sizes takes whole numbers separated by commas (got {batch_sizes!r})") from None
+    sizes = parse_batch_sizes(batch_sizes)
     norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
     _writable(img_dir)
     summary = sweeps.run_sweep(norms, sizes, _config(ctx, locals(), norm=norms[0]), scale_lr, runs_dir, out,
-                               callbacks_for=lambda c: [EpochProgress(f"{c.norm} batch {c.batch_size}")],
+                               callbacks_for=lambda c: [EpochProgress(f"{c.norm} at batch size {c.batch_size}")],
                                force=force, data_dir=data_dir, warn=warn)
     console.print(sweep_table(summary))
     console.print(f"wrote {out} and {sweeps.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
+    failed = [f"{row['norm']} at batch size {row['batch_size']}" for row in summary["rows"] if row["status"] != "finished"]
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(summary['rows'])} runs failed (non-finite loss): {', '.join(failed)}")
 
 
 @app.command()
-@friendly
-def gallery(norm: Norms = None, count: Annotated[int, typer.Option(help="Misclassified images per variant.")] = 10,
+@friendly()
+def gallery(norm: Norms = None, count: Annotated[int, typer.Option(
+                help="Misclassified images per variant (at most 500 are drawn).")] = 10,
             runs_dir: RunsDir = Path("runs"), img_dir: ImgDir = Path("img"), data_dir: DataDir = None):
-    """Draw the first misclassified test images of each trained run as a grid."""
+    """Grids of misclassified test images. The first ones of each trained run, titled with truth and prediction."""
     from normtf import study
     from normtf.console import console, warn
 
-    if count < 1:
-        raise UsageError(f"--count must be at least 1 (got {count})")
     results = study.stored_results([n.value for n in norm] if norm else list(NORMS), runs_dir, warn)
     for path in study.gallery(results, img_dir, count, data_dir=data_dir, warn=warn):
         console.print(f"wrote {path}")
 
 
 @app.command()
-@friendly
-def evaluate(path: Annotated[Path, typer.Argument(help="A model.keras file, or a run directory holding one.")],
+@friendly()
+def evaluate(path: Annotated[Path, typer.Argument(metavar="PATH", help="A model.keras file, or a run directory holding one.")],
              test_size: TestSize = None, data_dir: DataDir = None):
-    """Load a saved model (safely: no code in the file is run) and measure it on the MNIST test set."""
+    """Measure a saved model on the test set. It is loaded safely: no code in the file is run."""
     from normtf.console import confusion_table, console, warn
     from normtf.data import load_mnist
     from normtf.evaluation import evaluate_file
 
-    if test_size is not None and test_size < 1:
-        raise UsageError(f"--test-size must be at least 1 (got {test_size})")
-    result = evaluate_file(path, load_mnist(data_dir, warn=warn), test_size)
+    result = evaluate_file(path, load_mnist(data_dir, warn=warn), test_size, warn=warn)
     console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
                   f"({result.correct:,} of {result.total:,} correct)")
     console.print(confusion_table(result))
 
 
 @app.command()
-@friendly
-def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(help="Images in the probe batch.")] = 32,
+@friendly()
+def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(
+                help="Images in the probe batch: the first N test images, 2 to 10,000 (the test set).")] = 32,
             groups: Groups = DEFAULTS.groups, data_dir: DataDir = None):
-    """Run each variant's norm layers on a real batch and show what they compute."""
+    """Show what each norm layer computes. Each is run on a real batch of test images and its statistics found."""
     from normtf.console import console, explain_table, warn
     from normtf.data import load_mnist
     from normtf.explain import explain_test_batch
@@ -276,32 +283,35 @@ def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(help="Im
     if batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 to show batch statistics (got {batch_size})")
     dataset = load_mnist(data_dir, warn=warn)
+    if batch_size > len(dataset.y_test):
+        raise UsageError(f"--batch-size must be at most {len(dataset.y_test):,}, the number of test images "
+                         f"(got {batch_size:,})")
     for name in [n.value for n in norm] if norm else list(NORMS):
         reports = explain_test_batch(TrainConfig(norm=name, groups=groups).validate(), dataset, batch_size)
         console.print(explain_table(name, batch_size, reports))
 
 
 @app.command()
-@friendly
-def diagrams(img_dir: ImgDir = Path("img"), groups: Groups = DEFAULTS.groups):
-    """Draw the N x C x (H,W) cube of each normalization with its shared-statistics set shaded."""
+@friendly(tensorflow=False)
+def diagrams(img_dir: ImgDir = Path("img"), groups: Annotated[int, typer.Option(
+                 help="Groups in the group-norm figure, as the model takes them: a count that divides every "
+                      "block's channel count (1 or 2).")] = DEFAULTS.groups):
+    """Draw which activations share a mean. The N x C x (H,W) cube, shared-statistics set shaded."""
     from normtf.console import console
     from normtf.diagrams import draw_diagrams
 
-    if groups < 1:
-        raise UsageError(f"--groups must be at least 1 (got {groups})")
-    for path in draw_diagrams(img_dir, groups):
+    for path in draw_diagrams(img_dir, groups):  # --groups was checked with every option (config.RULES)
         console.print(f"wrote {path}")
 
 
 @app.command()
-@friendly
+@friendly(tensorflow=False)
 def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", help="A rough look in about two minutes: 10-step windows, one evaluation.")] = False,
           repeats: Annotated[int, typer.Option(help="Timed windows per framework, normtf and the reference by turns; the median is reported.")] = 5,
           steps: Annotated[Optional[int], typer.Option(help="Training steps per timed window.")] = None,
           reference: Annotated[bool, typer.Option(help="Also time the PyTorch reference loop (pip install 'normtf[bench]').")] = True,
           out: Annotated[Path, typer.Option(help="Where the results are written as JSON.")] = Path("results/bench.json")):
-    """Training throughput of normtf against the reference PyTorch loop, memory, eval time, FLOP floor."""
+    """Training speed against the PyTorch reference. Throughput, memory, evaluation time, FLOP floor."""
     from normtf.bench import format_table, run_benchmark
     from normtf.console import console
 

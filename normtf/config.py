@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from normtf.errors import UsageError
@@ -30,32 +31,14 @@ class TrainConfig:
     deterministic: bool = False
     strategy: str = "default"
     sync_bn: bool = False
+    steps_per_execution: int | None = None  # training steps per call into TensorFlow; None: 1 on CPU, 32 on a GPU
 
     def validate(self) -> TrainConfig:
-        checks = [
-            (self.epochs > 0, f"--epochs must be at least 1 (got {self.epochs})"),
-            (self.batch_size > 0, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
-            (self.momentum >= 0, f"--momentum must be 0 or more (got {self.momentum})"),
-            (0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})"),
-            (self.l1 >= 0, f"--l1 must be 0 or more (got {self.l1})"),
-            (self.groups > 0, f"--groups must be at least 1 (got {self.groups})"),
-            (self.rotation >= 0, f"--rotation must be 0 or more degrees (got {self.rotation})"),
-            (self.train_size is None or self.train_size > 0,
-             f"--train-size must be at least 1 (got {self.train_size})"),
-            (self.test_size is None or self.test_size > 0,
-             f"--test-size must be at least 1 (got {self.test_size})"),
-            (self.schedule in SCHEDULES,
-             f"--schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})"),
-            (self.precision in PRECISIONS,
-             f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})"),
-            (self.jit in JIT_MODES, f"--jit must be one of {', '.join(JIT_MODES)} (got {self.jit!r})"),
-            (self.strategy in STRATEGIES,
-             f"--strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        """Every field checked by RULES, plus the choices; raises UsageError on the first bad one."""
+        check_options(self.to_dict())
+        if self.train_size is not None and self.batch_size > self.train_size:
+            raise UsageError(f"--batch-size {self.batch_size} is more than the {self.train_size:,} training images "
+                             "of --train-size")
         return self
 
     def replace(self, **changes) -> TrainConfig:
@@ -74,6 +57,61 @@ SCHEDULES = ("constant", "one-cycle")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_MODES = ("auto", "on", "off")
 STRATEGIES = ("default", "mirrored", "multi-worker")
+
+MAX_SEED = 2**32 - 1  # what keras.utils.set_random_seed (NumPy's seed) accepts
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(low: int, high: float = math.inf):
+    return lambda v: isinstance(v, int) and low <= v <= high
+
+
+# Every value a command takes, by its parameter name: (accepts, what it must be). The CLI checks
+# all of a command's values against this table before it loads data or touches a file, and
+# TrainConfig.validate checks a config's fields against it, so the two can never disagree.
+RULES = {
+    "epochs": (_whole(1), "a whole number, at least 1"),
+    "batch_size": (_whole(1), "a whole number, at least 1"),
+    "lr": (lambda v: _number(v) and v > 0, "a positive finite number"),
+    "momentum": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1] (Keras's range for SGD)"),
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "l1": (lambda v: _number(v) and v >= 0, "a finite number, 0 or more"),
+    "groups": (lambda v: v in valid_groups(), "a count that divides every block's channel count"),
+    "rotation": (lambda v: _number(v) and 0 <= v <= 180, "an angle in degrees from 0 to 180"),
+    "seed": (_whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED:,}"),
+    "train_size": (_whole(1), "a whole number, at least 1"),
+    "test_size": (_whole(1), "a whole number, at least 1"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "jit": (lambda v: v in JIT_MODES, f"one of {', '.join(JIT_MODES)}"),
+    "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    "steps_per_execution": (_whole(1, 1000), "a whole number from 1 to 1,000"),
+    "count": (_whole(1, 10_000), "a whole number from 1 to 10,000"),
+    "repeats": (_whole(1, 100), "a whole number from 1 to 100"),
+    "steps": (_whole(1, 100_000), "a whole number from 1 to 100,000"),
+    # Parsed by their own functions, which raise the specific message; valid values pass.
+    "seeds": (lambda v: parse_seeds(v, 0) is not None, ""),
+    "batch_sizes": (lambda v: parse_batch_sizes(v) is not None, ""),
+}
+
+
+def valid_groups() -> tuple[int, ...]:
+    """The group counts the model accepts: those dividing the channel count of every block."""
+    from normtf.models import BLOCKS  # imported here: models.py imports this module
+
+    channels = [filters for filters, _, _ in BLOCKS]
+    return tuple(g for g in range(1, min(channels) + 1) if all(c % g == 0 for c in channels))
+
+
+def check_options(values: dict) -> None:
+    """UsageError naming the first value in `values` (parameter name -> value) that RULES refuses."""
+    for name, value in values.items():  # None: not given, or a setting this variant does not use
+        if name in RULES and value is not None and not RULES[name][0](value):
+            rule = RULES[name][1] + (f" ({' or '.join(map(str, valid_groups()))})" if name == "groups" else "")
+            raise UsageError(f"--{name.replace('_', '-')} must be {rule} (got {value!r})")
 
 # Named starting points for a config; flags given on the command line override them.
 # tuned: the learning rate warms up to 0.05 and anneals to zero (one-cycle), so the last epochs are
@@ -96,3 +134,39 @@ def recipe(name: str) -> TrainConfig:
 SWEEP_NORMS = ("batch", "layer", "group")
 SWEEP_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
 SWEEP_EPOCHS, SWEEP_TRAIN_SIZE = 2, 20_000
+
+
+MAX_SEED_COUNT = 10
+
+
+def parse_seeds(text: str | None, first: int) -> list[int] | None:
+    """--seeds: a list ("42,43,44") or a count ("3": `first` and the next two); None if not given."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds takes a count or seeds separated by commas (got {text!r})") from None
+    if len(values) == 1 and "," not in text:
+        count = values[0]
+        if count < 1:
+            raise UsageError(f"--seeds must be at least 1 (got {count})")
+        if count > MAX_SEED_COUNT:  # most likely a seed typed where a count goes: hours of training
+            raise UsageError(f"--seeds {count} is a count: {count} full runs. For seed {count} alone use --seed "
+                             f"{count}; for more than {MAX_SEED_COUNT} seeds list them, separated by commas")
+        values = list(range(first, first + count))
+    for value in values:
+        if not RULES["seed"][0](value):
+            raise UsageError(f"--seeds: every seed must be {RULES['seed'][1]} (got {value})")
+    return list(dict.fromkeys(values))
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """--batch-sizes "2,4,8": distinct whole numbers, at least 1, in increasing order."""
+    try:
+        sizes = sorted({int(size) for size in text.split(",")})
+    except ValueError:
+        raise UsageError(f"--batch-sizes takes whole numbers separated by commas (got {text!r})") from None
+    if not RULES["batch_size"][0](sizes[0]):
+        raise UsageError(f"--batch-sizes must be whole numbers, at least 1 (got {text!r})")
+    return sizes

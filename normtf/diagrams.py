@@ -24,10 +24,11 @@ KINDS = {
               "one mean and variance per sample:\nN of them, over C×H×W values each"),
     "group": ("Group Norm", "GroupNorm.png",
               "one mean and variance per sample and group:\n"
-              "N×G of them (here G = {groups}), over (C/G)×H×W values each"),
+              "N×G of them (G = {groups}), over (C/G)×H×W each"),
 }
 
 SAMPLES = 6  # cells drawn along N
+CHANNELS = 6  # cells drawn along C; a group count must divide it (the model's, 1 and 2, do)
 SIDE = 6.0  # front face is SIDE × SIDE whatever the number of channels drawn
 DEPTH = (2.6, 2.1)  # where the back of the cube sits relative to the front: the H, W axis
 SHADED = ("#4f8fd6", "#86b4e8", "#3a70b0")  # front, top, right face: lit from above
@@ -49,16 +50,12 @@ def shaded_cells(kind: str, n: int, c: int, groups: int) -> set[tuple[int, int]]
     raise ValueError(f"unknown normalization {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def drawn_channels(groups: int) -> int:
-    """About six channels, but a whole number of channels in each group."""
-    return groups * math.ceil(6 / groups)
-
-
 def draw_diagram(kind: str, path: Path, groups: int = 2) -> Path:
-    """Render one cube figure to PNG at `path` (written whole or not at all) and return `path`."""
-    if groups < 1:
-        raise ValueError(f"groups must be at least 1, not {groups}")
-    n, c = SAMPLES, drawn_channels(groups)
+    """Render one cube figure to PNG at `path` (written whole or not at all) and return `path`.
+    `groups` must divide the CHANNELS drawn: more groups than rows would draw nothing readable."""
+    if groups < 1 or CHANNELS % groups:
+        raise ValueError(f"cannot split the {CHANNELS} channels drawn into {groups} equal groups")
+    n, c = SAMPLES, CHANNELS
     shaded = shaded_cells(kind, n, c, groups)  # also rejects an unknown kind
     title, _, caption = KINDS[kind]
     caption = caption.format(groups=groups)
@@ -67,7 +64,7 @@ def draw_diagram(kind: str, path: Path, groups: int = 2) -> Path:
 
     fig = Figure(figsize=(4.5, 4.5), facecolor="white")
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0.06, 1, 0.86))
+    ax = fig.add_axes((0, 0.15, 1, 0.77))
     ax.set_axis_off()
     ax.set_aspect("equal")
 
@@ -93,7 +90,7 @@ def draw_diagram(kind: str, path: Path, groups: int = 2) -> Path:
     ax.plot([SIDE, SIDE + dx, SIDE + dx, dx, 0], [0, dy, SIDE + dy, SIDE + dy, SIDE], color=GROUP_EDGE, lw=1.2)
     ax.plot([SIDE, SIDE + dx], [SIDE, SIDE + dy], color=GROUP_EDGE, lw=1.2)
 
-    label = dict(fontsize=11, ha="center", va="center")
+    label = dict(fontsize=14, ha="center", va="center")
     ax.text(SIDE / 2, -0.55, "N  (batch)", **label)
     ax.text(-0.55, SIDE / 2, "C  (channels)", rotation=90, **label)
     ax.text(SIDE + dx / 2 + 0.45, dy / 2 - 0.35, "H, W  (spatial)", rotation=math.degrees(math.atan2(dy, dx)),
@@ -101,10 +98,10 @@ def draw_diagram(kind: str, path: Path, groups: int = 2) -> Path:
     ax.set_xlim(-1.0, SIDE + dx + 0.8)
     ax.set_ylim(-1.0, SIDE + dy + 0.2)
 
-    ax.set_title(title, fontsize=15, fontweight="bold", pad=6)
-    fig.text(0.5, 0.01, caption, ha="center", va="center", fontsize=10, color="#333333", linespacing=1.4)
+    ax.set_title(title, fontsize=18, fontweight="bold", pad=6)
+    fig.text(0.5, 0.02, caption, ha="center", va="bottom", fontsize=12.5, color="#333333", linespacing=1.35)
 
-    return save(fig, path)
+    return save(fig, path, tight=False)  # the three sit side by side in the README: one size
 
 
 def draw_diagrams(img_dir: Path = Path("img"), groups: int = 2) -> list[Path]:

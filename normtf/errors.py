@@ -19,3 +19,7 @@ class CorruptFile(NormtfError):
 
 class Interrupted(NormtfError):
     """Ctrl-C or SIGTERM during training: the epoch in progress is dropped, finished epochs are kept."""
+
+
+class RunFailed(NormtfError):
+    """A run ended failed (its loss became NaN or infinite); the others of the command still ran."""

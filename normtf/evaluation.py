@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from normtf import data as mnist
-from normtf import layers  # noqa: F401  registers normtf's layers, so saved models can name them
-from normtf.errors import NormtfError
+from normtf.errors import CorruptFile, NormtfError
+from normtf.layers import with_our_classes  # importing normtf.layers also lets older files that name them load
+from normtf.runs import RunDir
+
+INPUT_SHAPE = (28, 28, 1)
 
 
 @dataclass
@@ -39,18 +42,21 @@ class Evaluation:
 
 
 def load_model(path: Path):
-    """Load a .keras file with safe_mode: a file carrying a Lambda layer or other code is refused."""
+    """Load a .keras file with safe_mode: a file carrying a Lambda layer or other code is refused.
+    The model comes back with normtf's layers in place of Keras's (faster, as trained), and must
+    take MNIST's 28x28x1 images and give 10 outputs."""
     import keras
 
     path = Path(path)
     if path.is_dir():
+        _explain_missing_model(path)
         path = path / "model.keras"
     if not path.is_file():
         raise NormtfError(f"no model at {path}; train one first: normtf train --norm <norm>")
     if not zipfile.is_zipfile(path):
         raise NormtfError(f"{path} is not a readable .keras model file (truncated or corrupt?)")
     try:
-        return keras.models.load_model(path, safe_mode=True, compile=False)
+        model = keras.models.load_model(path, safe_mode=True, compile=False)
     except ValueError as e:
         if "safe_mode" in str(e) or "Lambda" in str(e):
             raise NormtfError(f"{path} carries code (e.g. a Lambda layer) and was refused: loading it would "
@@ -59,17 +65,77 @@ def load_model(path: Path):
     except (zipfile.BadZipFile, OSError, KeyError, EOFError, TypeError) as e:
         raise NormtfError(f"{path} is not a readable .keras model file (truncated or corrupt?): "
                           f"{type(e).__name__}: {e}") from None
+    _check_shapes(model, path)
+    return with_our_classes(model)
 
 
-def evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> Evaluation:
-    log_probs = model.predict(mnist.test_dataset(images, labels, batch_size).map(lambda x, y: x), verbose=0)
-    log_probs = log_probs.astype(np.float64)
+def _explain_missing_model(path: Path) -> None:
+    """A run directory without model.keras: say why, where the directory tells (a failed run, or a
+    --seeds parent holding seed-*/ runs)."""
+    run = RunDir(path)
+    if run.model.is_file():
+        return
+    try:
+        metrics = run.read_metrics() or {}
+    except CorruptFile:
+        metrics = {}
+    failure = metrics.get("failure") or {}
+    if metrics.get("status") == "failed":
+        raise NormtfError(f"{path}: this run failed at epoch {failure.get('epoch', '?')} step {failure.get('step', '?')} "
+                          "(non-finite loss), so it has no model; train it again with other settings (e.g. a lower --lr)")
+    seeds = sorted((p for p in path.glob("seed-*") if p.is_dir()), key=lambda p: (len(p.name), p.name))
+    if seeds:
+        raise NormtfError(f"no model at {path}; it holds the runs {', '.join(f'{p.name}/' for p in seeds)}: "
+                          f"evaluate one of them, e.g. normtf evaluate {seeds[0]}")
+
+
+def _check_shapes(model, path: Path) -> None:
+    """One line, instead of a traceback from predict, for a model made for other images or classes."""
+    def show(shape):
+        return "x".join("?" if d is None else str(d) for d in shape)
+
+    try:
+        inputs, outputs = [tuple(t.shape) for t in model.inputs], [tuple(t.shape) for t in model.outputs]
+    except (AttributeError, ValueError):  # a model with no recorded inputs: predict will tell
+        return
+    if len(inputs) != 1 or len(inputs[0]) != 4 or any(d not in (None, e) for d, e in zip(inputs[0][1:], INPUT_SHAPE)):
+        raise NormtfError(f"{path} takes inputs of shape {', '.join(show(s[1:]) for s in inputs)}; normtf evaluates "
+                          f"on MNIST's {show(INPUT_SHAPE)} images (height x width x channels)")
+    if len(outputs) != 1 or outputs[0][1:] not in ((10,), (None,)):
+        raise NormtfError(f"{path} outputs {', '.join(show(s[1:]) for s in outputs)} values an image; "
+                          "normtf evaluates 10 (one per digit)")
+
+
+def evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000,
+             warn=lambda message: None) -> Evaluation:
+    outputs = model.predict(mnist.test_dataset(images, labels, batch_size).map(lambda x, y: x), verbose=0)
+    log_probs = as_log_probabilities(outputs.astype(np.float64), warn)
     correct = int((log_probs.argmax(axis=1) == labels).sum())
     loss = float(-log_probs[np.arange(len(labels)), labels].mean())
     return Evaluation(loss, correct / len(labels), correct, len(labels), np.exp(log_probs), labels.astype(int), images)
 
 
-def evaluate_file(path: Path, dataset: mnist.Mnist, test_size: int | None = None) -> Evaluation:
+def as_log_probabilities(outputs: np.ndarray, warn=lambda message: None, tolerance: float = 1e-3) -> np.ndarray:
+    """The model's outputs as log-probabilities, which the test loss needs. normtf's models output
+    them (log-softmax). A model that outputs probabilities (rows >= 0 summing to 1) gets their log,
+    anything else is taken as logits and gets log-softmax, as Keras's from_logits=True losses
+    take a model's output: either way the loss is the cross-entropy of what the model predicts,
+    and the accuracy is unchanged, so evaluating beats refusing; `warn` says which was done."""
+    with np.errstate(over="ignore"):  # large logits: exp overflows to inf, which is no sum of 1
+        if np.all(np.abs(np.exp(outputs).sum(axis=1) - 1) <= tolerance):
+            return outputs
+    if np.all(outputs >= 0) and np.all(np.abs(outputs.sum(axis=1) - 1) <= tolerance):
+        warn("the model outputs probabilities, not log-probabilities: the test loss uses their log")
+        with np.errstate(divide="ignore"):
+            return np.log(outputs)
+    warn("the model's outputs are not log-probabilities (exp of a row does not sum to 1): taken as logits, "
+         "the test loss applies log-softmax to them")
+    shifted = outputs - outputs.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def evaluate_file(path: Path, dataset: mnist.Mnist, test_size: int | None = None,
+                  warn=lambda message: None) -> Evaluation:
     model = load_model(path)
     idx = mnist.stratified_subset(dataset.y_test, test_size)
-    return evaluate(model, dataset.x_test[idx], dataset.y_test[idx])
+    return evaluate(model, dataset.x_test[idx], dataset.y_test[idx], warn=warn)

@@ -1,8 +1,14 @@
-"""Figures the README shows: training curves of all variants, and misclassified digits."""
+"""Figures the README shows: training curves of all variants, misclassified digits, the batch-size sweep.
+
+Each is drawn to be read where the README shows it, about 900 pixels wide: few inches and large
+type, every axis with labelled ticks, legends outside the data. A *_figure function builds the
+figure (the tests measure it); the plot_* function beside it writes it as a PNG.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -14,25 +20,63 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from normtf.files import atomic_write  # noqa: E402
 
+DPI = 150
+MAX_GALLERY_IMAGES = 500  # 100 rows of digits: a PNG about 34,000 pixels tall (Agg stops at 65,536)
 
-def save(figure: Figure, path: Path) -> Path:
+
+def save(figure: Figure, path: Path, tight: bool = True) -> Path:
+    """Write `figure` as a PNG, whole or not at all; `tight` crops it to what is drawn, else it keeps
+    the figure's own size (figures shown side by side must have one size)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight", facecolor="white")
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight" if tight else None, facecolor="white")
     atomic_write(Path(path), buffer.getvalue())
     return Path(path)
 
 
-def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
-    """Test (top row) and train (bottom row) loss and accuracy per epoch, all variants on shared axes.
+def epoch_ticks(last: int) -> list[int]:
+    """Whole epochs from 1 to `last`, both labelled, and round numbers between them: at most about
+    seven labels, none crowding the first or the last."""
+    step = next(s for s in (m * 10**e for e in range(9) for m in (1, 2, 5)) if last / s <= 6)
+    between = [e for e in range(step, last, step) if e - 1 > step / 2 and last - e > step / 2]
+    return [1, *between, last] if last > 1 else [1]
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Ticks to label on a log axis spanning low..high: the sparsest of 1, 2, 5, 3 and then every
+    digit per decade that gives at least three, else evenly spaced round values (a narrow range)."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for digits in [(1,), (1, 2, 5), (1, 2, 3, 5), tuple(range(1, 10))]:
+        ticks = [d * 10.0**e for e in decades for d in digits if low <= d * 10.0**e <= high]
+        if len(ticks) >= 3:
+            return ticks
+    return [t for t in ticker.MaxNLocator(4).tick_values(low, high) if low <= t <= high]
+
+
+def _label_log_axis(ax) -> None:
+    """Log scale on y with round ticks labelled as plain numbers (0.05, not 5x10^-2), at least three
+    of them; the minor ticks stay, unlabelled. Call after the data is drawn and the limits set."""
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ticks = log_ticks(low, high)
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_ylim(low, high)
+
+
+def curves_figure(runs: dict[str, dict], title: str, legend_title: str | None = None) -> Figure:
+    """Test (top row) and train (bottom row) loss and accuracy per epoch, all variants on shared axes,
+    one legend for all four panels below them.
 
     `runs` maps a norm name to {"label", "color", "histories": [one list of epoch records per seed]};
     several histories are drawn as their mean with a min-max band.
     """
-    figure = Figure(figsize=(12, 8.5))
+    figure = Figure(figsize=(10, 8.5), layout="constrained")
     axes = figure.subplots(2, 2, sharex=True)
-    panels = [("test_loss", "Test loss (cross-entropy)", False), ("test_accuracy", "Test accuracy (%)", True),
-              ("train_loss", "Train loss (cross-entropy, running mean)", False),
+    panels = [("test_loss", "Test loss (cross-entropy, log scale)", False),
+              ("test_accuracy", "Test accuracy (%)", True),
+              ("train_loss", "Train loss (running mean, log scale)", False),
               ("train_accuracy", "Train accuracy (%, running mean, augmented)", True)]
+    last = max(min(len(h) for h in run["histories"]) for run in runs.values())
     for ax, (key, label, percent) in zip(axes.flat, panels):
         for run in runs.values():
             length = min(len(h) for h in run["histories"])
@@ -42,26 +86,26 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
                     label=run["label"])
             if len(values) > 1:
                 ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=run["color"], alpha=0.2)
-        ax.set_title(label)
-        ax.set_ylabel(label.split(" (")[0].replace("Test ", "").replace("Train ", "").capitalize())
+        ax.set_title(label, fontsize=12)
+        ax.set_ylabel("Accuracy (%)" if percent else "Loss (log scale)", fontsize=11)
+        ax.tick_params(labelsize=10.5)
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, nbins=10))
+        ax.set_xticks(epoch_ticks(last))
+        ax.set_xlim(0.5, last + 0.5)
         if percent:
             ax.set_ylim(_accuracy_floor(runs, key), 100)
         else:
-            _plain_log_scale(ax.yaxis)
+            _label_log_axis(ax)
     for ax in axes[1]:
-        ax.set_xlabel("Epoch")
-    axes[0, 1].legend(loc="lower right")
-    figure.suptitle(title, fontsize=13)
-    return save(figure, path)
+        ax.set_xlabel("Epoch", fontsize=11)
+    figure.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(runs), 3),
+                  fontsize=11, title=legend_title, title_fontsize=11, frameon=False)
+    figure.suptitle(title, fontsize=12.5)
+    return figure
 
 
-def _plain_log_scale(axis) -> None:
-    """A log axis labelled 0.05, not 5x10^-2; minor ticks labelled at 2, 3 and 5 only."""
-    axis.axes.set_yscale("log")
-    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
+def plot_curves(runs: dict[str, dict], path: Path, title: str, legend_title: str | None = None) -> Path:
+    return save(curves_figure(runs, title, legend_title), path)
 
 
 def _accuracy_floor(runs: dict[str, dict], key: str) -> float:
@@ -70,28 +114,44 @@ def _accuracy_floor(runs: dict[str, dict], key: str) -> float:
     return max(0.0, min(95.0, lowest - 0.5))
 
 
-def plot_misclassified(images, labels, predictions, confidences, path: Path, title: str, columns: int = 5) -> Path:
-    """A grid of digits, each titled with its true label, the prediction and the model's confidence."""
+GALLERY_CELL, GALLERY_IMAGE = 1.9, 1.7  # inches: the width of a column, the side of a digit
+GALLERY_ROW = GALLERY_IMAGE + 0.55  # a digit and its two-line title
+GALLERY_HEADER = 0.8  # inches above the first row for the figure's two-line title, whatever the rows
+
+
+def misclassified_figure(images, labels, predictions, confidences, title: str, columns: int = 5) -> Figure:
+    """A grid of digits, each titled with its true label, the prediction and the model's confidence:
+    `columns` wide, or as many as there are digits if fewer. Every cell and the title band have a
+    fixed size in inches, so a long grid gets no more space under its title than a short one."""
+    columns = max(1, min(columns, len(images)))
     rows = max(1, -(-len(images) // columns))
-    figure = Figure(figsize=(2.8 * columns, 2.9 * rows + 0.6))
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
+    width, height = GALLERY_CELL * columns, GALLERY_HEADER + GALLERY_ROW * rows
+    figure = Figure(figsize=(width, height))
+    cells = [figure.add_axes(((c * GALLERY_CELL + (GALLERY_CELL - GALLERY_IMAGE) / 2) / width,
+                              (height - GALLERY_HEADER - (r + 1) * GALLERY_ROW) / height,
+                              GALLERY_IMAGE / width, GALLERY_IMAGE / height))
+             for r in range(rows) for c in range(columns)]
+    for ax in cells:
         ax.axis("off")
-    for ax, image, label, prediction, p in zip(axes.flat, images, labels, predictions, confidences):
+    for ax, image, label, prediction, p in zip(cells, images, labels, predictions, confidences):
         ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(f"true {label} · pred {prediction} (p={p:.2f})", fontsize=9.5)
+        ax.set_title(f"true {label} · pred {prediction}\np = {p:.2f}", fontsize=11, linespacing=1.3)
     if len(images) == 0:
-        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    figure.suptitle(title, fontsize=12)
-    return save(figure, path)
+        cells[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    figure.suptitle(title, fontsize=12, y=1 - 0.1 / height, va="top", linespacing=1.4)
+    return figure
 
 
-def plot_sweep(lines: dict[str, dict], path: Path, title: str) -> Path:
+def plot_misclassified(images, labels, predictions, confidences, path: Path, title: str, columns: int = 5) -> Path:
+    return save(misclassified_figure(images, labels, predictions, confidences, title, columns), path)
+
+
+def sweep_figure(lines: dict[str, dict], title: str) -> Figure:
     """Test error against batch size (log2 axis), one line per variant, as in Wu & He's figure 1.
 
     `lines` maps a norm name to {"label", "color", "batch_sizes": [...], "errors": [percent, ...]}.
     """
-    figure = Figure(figsize=(8, 5.5))
+    figure = Figure(figsize=(8, 5.5), layout="constrained")
     ax = figure.subplots()
     for line in lines.values():
         ax.plot(line["batch_sizes"], line["errors"], marker="o", linewidth=1.8, color=line["color"],
@@ -99,10 +159,17 @@ def plot_sweep(lines: dict[str, dict], path: Path, title: str) -> Path:
     ax.set_xscale("log", base=2)
     sizes = sorted({size for line in lines.values() for size in line["batch_sizes"]})
     ax.set_xticks(sizes, [str(s) for s in sizes])
-    _plain_log_scale(ax.yaxis)
-    ax.set_xlabel("Batch size (images per step, log scale)")
-    ax.set_ylabel("Test error (%, log scale)")
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    _label_log_axis(ax)
+    ax.set_xlabel("Batch size (images per step, log scale)", fontsize=11)
+    ax.set_ylabel("Test error (%, log scale)", fontsize=11)
+    ax.tick_params(labelsize=10.5)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    if lines:  # none when every run of the sweep failed
+        figure.legend(loc="outside right upper", fontsize=11, frameon=False)
     ax.set_title(title, fontsize=11)
-    return save(figure, path)
+    return figure
+
+
+def plot_sweep(lines: dict[str, dict], path: Path, title: str) -> Path:
+    return save(sweep_figure(lines, title), path)

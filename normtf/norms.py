@@ -73,11 +73,11 @@ def get_norm(name: str) -> Norm:
 
 
 def relevant(config: TrainConfig) -> TrainConfig:
-    """The config with the settings its variant ignores at their defaults, so that e.g. --l1 does
-    not make a layer-norm run count as different from one trained without it."""
-    defaults = TrainConfig()
+    """The config with the settings its variant does not use set to None, so that e.g. --l1 does
+    not make a layer-norm run count as different from one trained without it, and a stored
+    config.json does not show an L1 strength that was never applied."""
     ignored = VARIANT_SETTINGS - get_norm(config.norm).uses
-    return config.replace(**{name: getattr(defaults, name) for name in ignored})
+    return config.replace(**{name: None for name in ignored})
 
 
 def color(name: str) -> str:

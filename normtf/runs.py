@@ -19,6 +19,7 @@ from pathlib import Path
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError
 from normtf.files import atomic_write, read_json, write_json
+from normtf.norms import relevant
 
 HISTORY_KEYS = ["epoch", "train_loss", "train_objective", "train_accuracy", "test_loss", "test_accuracy", "epoch_time"]
 
@@ -33,6 +34,7 @@ class RunDir:
         self.model = self.path / "model.keras"
         self.checkpoint_dir = self.path / "checkpoint"
         self.lock_file = self.path / ".lock"
+        self.replaced_dir = self.path / "replaced"  # a finished run being replaced (--force), until the new one has an epoch
 
     @classmethod
     def for_config(cls, runs_dir: Path | str, config: TrainConfig, per_seed: bool = False) -> RunDir:
@@ -43,11 +45,40 @@ class RunDir:
     def __repr__(self):
         return f"RunDir({str(self.path)!r})"
 
-    def clear(self) -> None:
-        """Remove a previous run's results (not the lock)."""
-        for path in [self.history, self.history_csv, self.metrics, self.model, self.config]:
-            path.unlink(missing_ok=True)
+    def _results(self) -> list[Path]:
+        return [self.history, self.history_csv, self.metrics, self.model, self.config]
+
+    def set_aside(self) -> None:
+        """Make room for a new run without losing the old one yet: its files move into replaced/
+        (renames, so nothing is copied) until the new run has finished an epoch."""
+        self.recover()
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        previous = [path for path in self._results() if path.exists()]
+        if previous:
+            self.replaced_dir.mkdir()
+            for path in previous:
+                path.rename(self.replaced_dir / path.name)
+
+    def drop_replaced(self) -> None:
+        """The new run has an epoch on disk: the run it replaces can go."""
+        if self.replaced_dir.exists():
+            shutil.rmtree(self.replaced_dir)
+
+    def recover(self) -> bool:
+        """If a run was set aside and its replacement never finished an epoch (it failed, was
+        interrupted or killed), put the old run back. True if it did."""
+        if not self.replaced_dir.exists():
+            return False
+        if self.history.exists():  # the replacement got as far as an epoch: it stays
+            self.drop_replaced()
+            return False
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        for path in self._results():
+            path.unlink(missing_ok=True)
+            if (self.replaced_dir / path.name).exists():
+                (self.replaced_dir / path.name).rename(path)
+        self.replaced_dir.rmdir()
+        return True
 
     def checkpoint(self, epochs_done: int) -> Path:
         return self.checkpoint_dir / f"epoch-{epochs_done:04d}.weights.h5"
@@ -70,8 +101,10 @@ class RunDir:
         return read_json(self.metrics)
 
     def stored_config(self) -> TrainConfig | None:
+        """The run's config, with the settings its variant does not use as None (older files
+        recorded the reference defaults there), so it compares equal to a new run's."""
         values = read_json(self.config)
-        return TrainConfig.from_dict(values["config"]) if values else None
+        return relevant(TrainConfig.from_dict(values["config"])) if values else None
 
     def status(self, config: TrainConfig | None = None) -> str:
         """'finished', 'failed', 'partial' (resumable), 'stale' (other config) or 'empty'."""
@@ -80,7 +113,7 @@ class RunDir:
             metrics = self.read_metrics()
             if stored is None:
                 return "empty"
-            if config is not None and stored != config:
+            if config is not None and stored != relevant(config):
                 return "stale"
             if metrics is not None:
                 return metrics.get("status", "finished") if self.model.exists() or metrics.get("status") == "failed" else "partial"
@@ -90,20 +123,9 @@ class RunDir:
 
     @contextmanager
     def locked(self):
-        """Hold an exclusive lock on the run for the duration; a second process is refused."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self.lock_file, "a+")
-        except OSError as e:
-            raise NormtfError(f"cannot write to {self.path}: {e.strerror}; choose a writable --runs-dir") from e
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise NormtfError(f"another normtf process (pid {holder}) is training into {self.path}; "
-                              "wait for it to finish or use another --runs-dir") from None
+        """Hold an exclusive lock on the run for the duration; a second process is refused. The
+        lock file goes when the lock is released, so finished runs hold only their results."""
+        handle = self._acquire()
         try:
             handle.seek(0)
             handle.truncate()
@@ -111,8 +133,34 @@ class RunDir:
             handle.flush()
             yield self
         finally:
+            self.lock_file.unlink(missing_ok=True)  # while still held: nobody can be between open and lock on it
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
+            if not any(self.path.iterdir()):  # refused before anything was written: leave no trace
+                self.path.rmdir()
+
+    def _acquire(self):
+        for _ in range(3):  # the holder may remove the file between our open and our lock: open it anew
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                handle = open(self.lock_file, "a+")
+            except OSError as e:
+                raise NormtfError(f"cannot write to {self.path}: {e.strerror}; choose a writable --runs-dir") from e
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise NormtfError(f"another normtf process (pid {holder}) is training into {self.path}; "
+                                  "wait for it to finish or use another --runs-dir") from None
+            try:
+                if os.fstat(handle.fileno()).st_ino == os.stat(self.lock_file).st_ino:
+                    return handle
+            except FileNotFoundError:
+                pass
+            handle.close()
+        raise NormtfError(f"could not lock {self.path}: its lock file keeps changing; is another normtf running?")
 
 
 def summarize(records: list[dict]) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 from normtf import data as mnist
 from normtf import figures
 from normtf.config import TrainConfig
-from normtf.errors import CorruptFile, NormtfError
+from normtf.errors import CorruptFile, NormtfError, RunFailed
 from normtf.evaluation import evaluate_file
 from normtf.norms import color, get_norm
 from normtf.runs import RunDir
@@ -25,6 +25,14 @@ def compare(norms: list[str], config: TrainConfig, runs_dir: Path, seeds: list[i
     dataset = functools.cache(lambda: mnist.load_mnist(data_dir, warn=warn))
     return [train(c, runs_dir, dataset=dataset, callbacks=callbacks_for(c), tensorboard=tensorboard, force=force,
                   per_seed=bool(seeds), warn=warn) for c in configs]
+
+
+def raise_if_failed(results: list[TrainResult]) -> None:
+    """After every run had its turn: RunFailed naming the runs that ended failed, if any."""
+    failed = [r for r in results if r.metrics.get("status") == "failed"]
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(results)} runs failed: " + "; ".join(
+            f"{r.run.path} ({r.metrics['failure']['reason']})" for r in failed))
 
 
 def by_norm(results: list[TrainResult]) -> dict[str, list[TrainResult]]:
@@ -60,29 +68,39 @@ def stored_results(norms: list[str], runs_dir: Path, warn=lambda message: None) 
     return results
 
 
+def curves_title(groups: dict[str, list[TrainResult]]) -> str:
+    """The one title of every curves figure: the data and the recipe, L1 named with the variants
+    that use it, the seeds."""
+    c = next(iter(groups.values()))[0].config
+    seeds = sorted({r.config.seed for group in groups.values() for r in group})
+    size = f"{c.train_size:,}" if c.train_size else "60,000"
+    lr = f"lr {c.lr:g}" if c.schedule == "constant" else f"{c.schedule} lr (peak {c.lr:g})"
+    with_l1 = {norm: group[0].config.l1 for norm, group in groups.items() if get_norm(norm).l1}
+    l1 = "".join(f", L1 {value:g} ({norm})" for norm, value in with_l1.items())
+    return (f"MNIST, {size} training images, {c.epochs} epochs of batch {c.batch_size}, rotation ±{c.rotation:g}°, "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}\n"
+            f"SGD {lr}, momentum {c.momentum:g}, dropout {c.dropout:g}{l1}")
+
+
 def draw_curves(results: list[TrainResult], path: Path) -> Path | None:
     """All finished variants on shared axes; with several seeds, their mean and min-max band."""
     groups = by_norm([r for r in results if r.metrics.get("status") == "finished"])
     if not groups:
         return None
-    c = next(iter(groups.values()))[0].config
-    seeds = sorted({r.config.seed for group in groups.values() for r in group})
-    size = f"{c.train_size:,}" if c.train_size else "60,000"
-    lr = f"lr {c.lr}" if c.schedule == "constant" else f"{c.schedule} lr (peak {c.lr})"
-    title = (f"MNIST, {size} training images, batch {c.batch_size}, SGD {lr} momentum {c.momentum}, "
-             f"dropout {c.dropout}, "
-             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}  (normtf)")
     runs = {}
     for norm, group in groups.items():
-        spread = f", mean of {len(group)} seeds, band min-max" if len(group) > 1 else ""
-        runs[norm] = {"label": f"{norm} ({group[0].metrics['trainable_params']:,} params{spread})",
+        seeds = f", {len(group)} seeds" if len(group) > 1 else ""
+        runs[norm] = {"label": f"{norm} ({group[0].metrics['trainable_params']:,} params{seeds})",
                       "color": color(norm), "histories": [r.history for r in group]}
-    return figures.plot_curves(runs, path, title)
+    several = any(len(group) > 1 for group in groups.values())
+    return figures.plot_curves(runs, path, curves_title(groups),
+                               "lines: mean over the seeds; bands: lowest to highest seed" if several else None)
 
 
 def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir: Path | None = None,
             warn=lambda message: None) -> list[Path]:
-    """For each variant's (first) finished run, the first `count` misclassified test images as a grid."""
+    """For each variant's (first) finished run, the first `count` misclassified test images as a grid,
+    img_dir/misclassified_<variant>.png (at most figures.MAX_GALLERY_IMAGES of them)."""
     finished = [group[0] for group in by_norm([r for r in results if r.metrics.get("status") == "finished"]).values()]
     if not finished:
         return []
@@ -90,11 +108,12 @@ def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir
     paths = []
     for result in finished:
         evaluation = evaluate_file(result.run.model, dataset, result.config.test_size)
-        wrong = evaluation.misclassified(count)
-        label = get_norm(result.config.norm).label
+        wrong = evaluation.misclassified(min(count, figures.MAX_GALLERY_IMAGES))
+        c, total = result.config, evaluation.total - evaluation.correct
+        shown = f"all {total:,}" if len(wrong) == total else f"first {len(wrong):,} of its {total:,}"
         paths.append(figures.plot_misclassified(
             evaluation.images[wrong], evaluation.labels[wrong], evaluation.predictions[wrong],
-            evaluation.probabilities[wrong].max(axis=1), Path(img_dir) / f"misclassified_{label}.png",
-            f"{result.config.norm}: first {len(wrong)} of {evaluation.total - evaluation.correct} misclassified test images "
-            f"(test accuracy {100 * evaluation.accuracy:.2f}%)"))
+            evaluation.probabilities[wrong].max(axis=1), Path(img_dir) / f"misclassified_{c.norm}.png",
+            f"{c.norm}, seed {c.seed}: test accuracy {100 * evaluation.accuracy:.2f}%\n"
+            f"{shown} misclassified MNIST test images"))
     return paths

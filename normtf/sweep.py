@@ -50,7 +50,8 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
     return summary
 
 
-def draw_sweep(summary: dict, path: Path) -> Path:
+def sweep_lines(summary: dict) -> dict[str, dict]:
+    """The finished rows of a sweep as figures.sweep_figure's lines, one per variant."""
     lines = {}
     for row in summary["rows"]:
         if row["status"] != "finished":
@@ -59,8 +60,18 @@ def draw_sweep(summary: dict, path: Path) -> Path:
                                               "batch_sizes": [], "errors": []})
         line["batch_sizes"].append(row["batch_size"])
         line["errors"].append(row["test_error_percent"])
+    return lines
+
+
+def sweep_title(summary: dict) -> str:
     budget = summary["budget"]
-    lr = (f"lr scaled linearly from batch {summary['reference_batch']}" if summary["lr_scaled"]
-          else "same lr at every batch size")
-    title = f"Test error vs batch size: {budget['epochs']} epochs of {budget['train_size']:,} MNIST images, {lr}"
-    return figures.plot_sweep(lines, path, title)
+    row, reference = summary["rows"][0], summary["reference_batch"]
+    lr = (f"lr proportional to the batch ({row['lr'] * reference / row['batch_size']:g} at {reference})"
+          if summary["lr_scaled"] else f"lr {row['lr']:g} at every batch size")
+    return (f"Test error vs batch size on MNIST: {budget['epochs']} epochs of {budget['train_size']:,} images,\n"
+            f"tested on {budget['test_size']:,}, {lr}, seed {summary['seed']}")
+
+
+def draw_sweep(summary: dict, path: Path) -> Path:
+    """The sweep's figure: test error against batch size, one line per variant."""
+    return figures.plot_sweep(sweep_lines(summary), path, sweep_title(summary))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import shutil
 import signal
+import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from normtf import data as mnist
+from normtf import distribute
 from normtf.config import TrainConfig
-from normtf.errors import CorruptFile, Interrupted, UsageError
+from normtf.errors import CorruptFile, Interrupted, NormtfError, UsageError
 from normtf.files import atomic_path, write_json
+from normtf.layers import save_model
 from normtf.models import build_model, trainable_params
 from normtf.norms import relevant
 from normtf.runs import RunDir, is_finite, summarize
@@ -64,7 +68,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if name == "multi-worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return distribute.multi_worker_strategy()
     return tf.distribute.get_strategy()
 
 
@@ -81,6 +85,26 @@ def environment(device: Device, strategy: tf.distribute.Strategy) -> dict:
         "numpy": np.__version__,
         "platform": platform.platform(),
     }
+
+
+def code_version() -> dict:
+    """Which normtf made a run: its version and, run from a git checkout, the commit and whether
+    tracked files had uncommitted changes (then the commit alone does not reproduce the run)."""
+    import normtf
+
+    record = {"version": normtf.__version__}
+    root = Path(normtf.__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=10)
+            if commit.returncode == 0 and status.returncode == 0:
+                record.update(commit=commit.stdout.strip(), uncommitted_changes=bool(status.stdout.strip()))
+        except (OSError, subprocess.TimeoutExpired):  # no git on this machine: the version is what we know
+            pass
+    return record
 
 
 def set_seed(seed: int) -> None:
@@ -124,14 +148,19 @@ def prepare(config: TrainConfig, steps_per_epoch: int = 1) -> tuple[keras.Model,
     set_seed(config.seed)
     with strategy.scope():
         model = build_model(config.norm, config)  # a bad --groups fails here, before any training
-        compile_model(model, config, device.jit, execution_steps(steps_per_epoch, device), steps_per_epoch)
+        compile_model(model, config, device.jit, execution_steps(steps_per_epoch, device, config.steps_per_execution),
+                      steps_per_epoch)
+    if config.strategy == "multi-worker":
+        distribute.work_around_keras(model)  # keras#20585, tensorflow#72388
     return model, device, strategy
 
 
-def execution_steps(steps_per_epoch: int, device: Device) -> int:
-    """Training steps run per call into TensorFlow: fewer host round trips (the progress bar and
-    the loss check see every Nth step). A divisor of the epoch's steps, so epochs stay whole."""
-    target = GPU_STEPS_PER_EXECUTION if device.name.startswith("GPU") else CPU_STEPS_PER_EXECUTION
+def execution_steps(steps_per_epoch: int, device: Device, requested: int | None = None) -> int:
+    """Training steps run per call into TensorFlow (--steps-per-execution; by default 32 on a GPU,
+    1 on CPU): fewer host round trips; the progress bar and the loss check see every Nth step.
+    The largest divisor of the epoch's steps up to that, so epochs stay whole."""
+    default = GPU_STEPS_PER_EXECUTION if device.name.startswith("GPU") else CPU_STEPS_PER_EXECUTION
+    target = requested or default
     return max(d for d in range(1, target + 1) if steps_per_epoch % d == 0)
 
 
@@ -174,13 +203,25 @@ class _EpochKeeper(keras.callbacks.Callback):
             self.model.save_weights(partial)
         self.history.append(record)
         self.run.write_history(self.history)
+        self.run.drop_replaced()  # a run replaced by --force goes only now that this one has an epoch
         for old in self.run.checkpoint_dir.glob("epoch-*.weights.h5"):
             if old != checkpoint:
                 old.unlink()
 
 
+def _xla_failure(error) -> str:
+    """One line for an op XLA cannot compile: which op, in which layer, and what to do."""
+    text = str(error)
+    op = re.search(r"'(\w+)' OpKernel", text) or re.search(r"op '?(\w+)'?", text)
+    node = re.search(r"node (\S+)", text)
+    layer = next((part for part in (node.group(1).split("/") if node else []) if part.startswith(("block", "head"))), None)
+    where = f"the op {op.group(1) if op else '(unnamed)'}" + (f" in layer {layer}" if layer else "")
+    return f"XLA cannot compile {where} ({text.strip().splitlines()[0][:160]}); train with --jit off"
+
+
 def _seed_generators(model):
-    return [layer.seed_generator for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    return [layer.seed_generator for layer in model.layers  # none at --dropout 0
+            if isinstance(layer, keras.layers.Dropout) and hasattr(layer, "seed_generator")]
 
 
 @contextmanager
@@ -233,6 +274,15 @@ def check_replaceable(run: RunDir, config: TrainConfig) -> None:
                          "pass --force to replace it, or --runs-dir to keep both")
 
 
+def require_tensorboard() -> None:
+    """--tensorboard writes through tf.summary, which needs the tensorboard package; TensorFlow 2.21
+    no longer installs it, and without it Keras's callback dies at the end of the first epoch."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise UsageError("--tensorboard needs TensorBoard, which is not installed: pip install tensorboard") from None
+
+
 def preflight(config: TrainConfig, runs_dir: Path | str, per_seed: bool = False, force: bool = False) -> TrainConfig:
     """Everything that can be refused before hours of training: bad settings, a variant that cannot
     be built, a finished run that would be replaced. Returns the run's (relevant) config."""
@@ -254,9 +304,15 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
     """Train `config.norm` into runs_dir/<norm>/ (per_seed: .../seed-<seed>/), resuming or reusing
     what is already there. `dataset` may be a function, called only if there is training to do."""
     config = relevant(config.validate())
-    run = RunDir.for_config(runs_dir, config, per_seed)
-    with run.locked():
+    if tensorboard:
+        require_tensorboard()  # first: before the data is loaded or the run directory touched
+    strategy = make_strategy(config.strategy)
+    run = RunDir.for_config(distribute.worker_runs_dir(strategy, runs_dir, warn), config, per_seed)
+    with run.locked(), distribute.peer_failures_as_errors(strategy):
+        if run.recover():
+            warn(f"{run.path}: a run started with --force never finished an epoch; the run it replaced is back")
         action, history = _start_state(run, config, force, warn)
+        epochs_done = distribute.chief_epochs(strategy, len(history), config.epochs, action == "reuse")
         if action == "reuse":
             return TrainResult(run, config, history, run.read_metrics(), reused=True)
         data = (dataset() if callable(dataset) else dataset) or mnist.load_mnist(data_dir, warn=warn)
@@ -271,38 +327,52 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
         steps = mnist.steps_per_epoch(len(train_idx), config.batch_size)
         model, device, strategy = prepare(config, steps)
         if action == "fresh":  # only now: a bad setting above leaves the directory as it was
-            run.clear()
+            run.set_aside()
         write_json(run.config, {"config": config.to_dict(), "environment": environment(device, strategy),
-                                "data": str(data.source), "train_images": len(train_idx),
+                                "normtf": code_version(), "data": data.provenance(), "train_images": len(train_idx),
                                 "test_images": len(test_idx), "trainable_params": trainable_params(model),
                                 "steps_per_execution": model.steps_per_execution})
         if history:
             with strategy.scope():
                 model.optimizer.build(model.trainable_variables)
-                model.load_weights(run.checkpoint(len(history)))
+            # Outside the scope: loading creates throwaway Keras objects, whose variables would be
+            # collective ops under a multi-worker strategy that the other workers never join.
+            model.load_weights(run.checkpoint(len(history)))
+        distribute.copy_chief_state(strategy, model, epochs_done)
 
         keeper = _EpochKeeper(run, config, history)
         train_ds = mnist.train_dataset(data.x_train[train_idx], data.y_train[train_idx], config.batch_size,
-                                       config.seed, config.rotation, len(history), config.epochs)
+                                       config.seed, config.rotation, epochs_done, config.epochs)
         test_ds = mnist.test_dataset(data.x_test[test_idx], data.y_test[test_idx], EVAL_BATCH)
         extra = [keras.callbacks.TensorBoard(str(run.path / "tensorboard"))] if tensorboard else []
         try:
             with _sigterm_as_interrupt():
-                model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=len(history),
+                model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=epochs_done,
                           steps_per_epoch=steps, callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
-        except KeyboardInterrupt:
-            for callback in [*extra, *callbacks]:
-                callback.on_train_end()  # Keras skips it on an exception: close progress bars and log writers
-            raise Interrupted(f"interrupted: {len(history)} of {config.epochs} epochs of {config.norm} are kept "
-                              f"in {run.path}; run the same command again to resume") from None
+        except BaseException as e:
+            restored = run.recover()  # a --force run that never finished an epoch gives the old run back
+            if isinstance(e, KeyboardInterrupt):
+                for callback in [*extra, *callbacks]:
+                    callback.on_train_end()  # Keras skips it on an exception: close progress bars and log writers
+                kept = (f"the finished run it was replacing is back in {run.path}" if restored else
+                        f"{len(history)} of {config.epochs} epochs of {config.norm} are kept in {run.path}; "
+                        "run the same command again to resume")
+                raise Interrupted(f"interrupted: {kept}") from None
+            if device.jit and isinstance(e, tf.errors.OpError) and "XLA" in str(e):
+                raise NormtfError(_xla_failure(e)) from None
+            raise
 
+        distribute.report(strategy, model, warn)
         metrics = {"status": "finished", "norm": config.norm, "trainable_params": trainable_params(model)}
         if keeper.failure is not None:
             metrics.update(status="failed", failure=keeper.failure)
+            if run.recover():  # failed in its first epoch: the finished run it was to replace stays
+                warn(f"{run.path}: the new run failed before finishing an epoch; the finished run there is kept")
+                return TrainResult(run, config, history, metrics)
         else:
             metrics.update(summarize(history))
             with atomic_path(run.model) as partial:
-                model.save(partial)
+                save_model(model, partial)  # names Keras's layer classes: loads without normtf
         write_json(run.metrics, metrics)
         shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # only now: the results are safe
         return TrainResult(run, config, history, metrics)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -23,10 +24,21 @@ def run(*args):
 
 
 def test_help_lists_the_commands_without_installing():
-    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for command in ["train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "bench"]:
-        assert f"│ {command} " in out.stdout
-    assert "--norm" in run("train", "--help").output
+    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "80"})
+    listed = {line.split()[0]: line for line in out.stdout.split("Commands:")[1].strip().splitlines()}
+    assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "bench"}
+    assert not [line for line in listed.values() if line.endswith("...")]  # no description cut short
+    assert out.stderr == ""
+
+
+def test_help_says_what_each_option_takes():
+    train_help = " ".join(run("train", "--help").output.split())
+    assert "--recipe <reference|tuned>" in train_help and "--jit <auto|on|off>" in train_help
+    assert "--schedule <constant|one-cycle>" in train_help and "<bool>" not in train_help
+    assert "--force Retrain" in train_help  # a flag shows no value placeholder
+    assert "pip install 'normtf[bench]'" in " ".join(run("bench", "--help").output.split())
+    assert "evaluate [OPTIONS] {PATH}" in run("evaluate", "--help").output  # Typer's braces: required
 
 
 def test_data_command_says_where_mnist_is(mnist_dir):
@@ -46,12 +58,12 @@ def test_train_compare_gallery_write_their_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert "reused" in result.output and "66,974" in result.output
     assert (img / "loss_accuracy.png").stat().st_size > 20_000
-    labels = ["BatchNorm", "BatchNormNoL1", "LayerNorm", "GroupNorm", "LayerNormPerChannel"]
-    assert sorted(p.name for p in img.glob("misclassified_*.png")) == sorted(f"misclassified_{x}.png" for x in labels)
+    variants = ["batch-l1", "batch", "layer", "group", "layer-c"]  # files named after the variant
+    assert sorted(p.name for p in img.glob("misclassified_*.png")) == sorted(f"misclassified_{x}.png" for x in variants)
 
-    (img / "misclassified_LayerNorm.png").unlink()
+    (img / "misclassified_layer.png").unlink()
     result = run("gallery", "--norm", "layer", "--count", "5", "--runs-dir", runs, "--img-dir", img)
-    assert result.exit_code == 0 and (img / "misclassified_LayerNorm.png").is_file()
+    assert result.exit_code == 0 and (img / "misclassified_layer.png").is_file()
 
     result = run("evaluate", runs / "layer")
     assert result.exit_code == 0 and "confusion matrix" in result.output and "of 10,000 correct" in result.output
@@ -60,29 +72,6 @@ def test_train_compare_gallery_write_their_files(tmp_path):
 def test_gallery_without_runs_names_the_command_to_run(tmp_path):
     result = run("gallery", "--runs-dir", tmp_path)
     assert result.exit_code == 1 and "normtf compare --all" in result.output
-
-
-@pytest.mark.parametrize("args, message", [
-    (["train", "--norm", "instance"], "'instance' is not one of"),
-    (["train", "--norm", "group", "--groups", "4"], "cannot build the group model; its blocks have [12, 14, 28]"),
-    (["evaluate", "runs", "--test-size", "0"], "--test-size must be at least 1"),
-    (["diagrams", "--groups", "0"], "--groups must be at least 1"),
-    (["train", "--epochs", "0"], "--epochs must be at least 1"),
-    (["train", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["train", "--train-size", "0"], "--train-size must be at least 1"),
-    (["train", "--test-size", "20000"], "--test-size 20000 is more than the 10,000 images"),
-    (["train", "--lr", "0"], "--lr must be positive"),
-    (["train", "--batch-size", "2000", "--train-size", "1000"], "--batch-size 2000 is more than the 1,000 training"),
-    (["train", "--dropout", "1"], "--dropout must be in [0, 1)"),
-    (["train", "--l1", "-1"], "--l1 must be 0 or more"),
-    (["train", "--precision", "float8"], "--precision must be one of"),
-    (["compare"], "--norm (repeatable) or use --all"),
-    (["gallery", "--count", "0"], "--count must be at least 1"),
-])
-def test_bad_input_is_one_clear_line_and_exit_code_2(args, message, tmp_path):
-    result = run(*args, "--runs-dir", tmp_path) if args[0] in ("train", "gallery") else run(*args)
-    assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
 
 
 def test_unknown_norm_lists_the_valid_names():
@@ -149,8 +138,9 @@ def test_diagrams_are_drawn(tmp_path):
 def test_compare_shows_a_diverged_run_as_failed(tmp_path, monkeypatch):
     monkeypatch.setattr(console, "width", 200)
     result = run("compare", "--norm", "batch", *TINY, "--lr", "1e12", "--runs-dir", tmp_path, "--img-dir", tmp_path)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # a scheduler must not take a failed run for success
     assert "failed (non-finite loss, epoch 1 step" in result.output and "no figures" in result.output
+    assert "1 of 1 runs failed" in " ".join(result.output.split())
     assert not (tmp_path / "loss_accuracy.png").exists()
 
 
@@ -163,7 +153,7 @@ def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
     assert sorted(p.name for p in (runs / "group").iterdir()) == ["seed-42", "seed-43"]
     assert (runs / "batch" / "seed-43" / "metrics.json").is_file()
     assert result.output.count("±") >= 6 and "42, 43" in result.output
-    assert (img / "loss_accuracy.png").is_file() and (img / "misclassified_GroupNorm.png").is_file()
+    assert (img / "loss_accuracy.png").is_file() and (img / "misclassified_group.png").is_file()
     result = run("train", "--norm", "group", "--seeds", "42,43", *TINY, "--runs-dir", runs)
     assert result.exit_code == 0 and result.output.count("already holds this finished run") == 2
 
@@ -191,7 +181,7 @@ def test_gallery_on_a_truncated_model_is_a_clear_error(tmp_path):
 def test_settings_a_variant_ignores_do_not_make_its_run_stale(tmp_path):
     runs = tmp_path / "runs"
     assert run("train", "--norm", "layer-c", *TINY, "--runs-dir", runs).exit_code == 0
-    result = run("train", "--norm", "layer-c", *TINY, "--l1", "0.01", "--groups", "7", "--runs-dir", runs)
+    result = run("train", "--norm", "layer-c", *TINY, "--l1", "0.01", "--groups", "1", "--runs-dir", runs)
     assert result.exit_code == 0 and "already holds this finished run" in result.output
 
 
@@ -221,3 +211,23 @@ def test_tuned_recipe_sets_its_values_and_given_flags_override_them(tmp_path):
     assert stored["epochs"] == 1  # given on the command line
     assert {k: stored[k] for k in tuned if k != "epochs"} == {k: v for k, v in tuned.items() if k != "epochs"}
     assert run("train", "--recipe", "fast").exit_code == 2
+
+
+def test_commands_start_without_tensorflow_lines_unless_verbose():
+    """TensorFlow's C++ start-up lines (cuInit and friends) stay hidden on a CPU machine."""
+    command = [sys.executable, "-m", "normtf", "evaluate", "results/tuned/group/seed-42", "--test-size", "500"]
+    quiet = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "accuracy" in quiet.stdout
+    assert quiet.stderr == ""
+    verbose = subprocess.run([*command[:3], "--verbose", *command[3:]], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert verbose.returncode == 0 and verbose.stderr != ""  # the same run, its lines shown
+
+
+def test_exit_codes_are_the_documented_ones():
+    from normtf import cli
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for code, meaning in [(cli.EXIT_ERROR, "1"), (cli.EXIT_USAGE, "2"), (cli.EXIT_RUN_FAILED, "3"),
+                          (cli.EXIT_INTERRUPTED, "130")]:
+        assert str(code) == meaning and f"| {code} |" in readme

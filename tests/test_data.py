@@ -81,6 +81,7 @@ def test_corrupt_cache_file_is_fetched_again_with_a_warning(mnist_dir, tmp_path)
     warnings = []
     assert mnist.ensure_mnist(cache_dir=cache, warn=warnings.append) == cache
     assert "does not match its SHA-256" in warnings[0]
+    assert "fetching it" in warnings[1]  # a download is never silent
     assert mnist.sha256(damaged.read_bytes()) == mnist.FILES["t10k-labels-idx1-ubyte"]
 
 

@@ -54,5 +54,13 @@ def test_draw_diagrams_writes_three_pngs_of_the_same_size(tmp_path):
     assert not list((tmp_path / "img").glob(".*.tmp"))  # atomic_write left no temporary file
 
 
-def test_group_count_that_does_not_divide_six_still_draws(tmp_path):
-    assert draw_diagram("group", tmp_path / "g.png", groups=4).read_bytes().startswith(PNG_MAGIC)
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+def test_group_counts_dividing_the_channels_drawn_draw(tmp_path, groups):
+    assert draw_diagram("group", tmp_path / "g.png", groups=groups).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("groups", [0, 4, 99])
+def test_group_counts_not_dividing_the_channels_drawn_are_refused(tmp_path, groups):
+    with pytest.raises(ValueError, match="channels drawn"):
+        draw_diagram("group", tmp_path / "g.png", groups=groups)
+    assert not (tmp_path / "g.png").exists()

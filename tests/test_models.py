@@ -34,8 +34,10 @@ def test_l1_penalty_only_for_batch_l1():
 
 
 def test_group_count_must_divide_every_block():
-    with pytest.raises(UsageError, match="channels"):
-        build_model("group", TrainConfig(norm="group", groups=4))
+    for groups in (3, 4, 7, 14):  # each divides some block's channels (14, 28, 12), not all
+        with pytest.raises(UsageError, match=r"--groups must be a count that divides every block's channel count "
+                                             r"\(1 or 2\)"):
+            TrainConfig(norm="group", groups=groups).validate()
     assert trainable_params(build_model("group", TrainConfig(norm="group", groups=1))) == 9910
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from normtf import data as mnist
 from normtf.config import TrainConfig, recipe
 from normtf.evaluation import evaluate_file
 from normtf.norms import relevant
@@ -55,6 +56,12 @@ def test_committed_model_re_evaluates_to_its_metrics(norm, dataset):
     evaluation = evaluate_file(run.model, dataset)
     assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)
     assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
+
+
+def test_committed_configs_name_their_data_by_checksum_not_by_path():
+    for path in (ROOT / "results").rglob("config.json"):
+        stored = json.loads(path.read_text())
+        assert stored["data"] == {"origin": "cache", "sha256": mnist.FILES}, path
 
 
 def test_readme_figures_exist():

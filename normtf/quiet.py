@@ -1,0 +1,60 @@
+"""A quiet TensorFlow start. On a machine without a GPU, importing TensorFlow and looking for GPUs
+prints half a dozen lines from its C++ runtime ("All log messages before absl::InitializeLog()",
+"Could not find cuda drivers", "failed call to cuInit") straight to file descriptor 2, before any
+Python logging and before TF_CPP_MIN_LOG_LEVEL is read. They say nothing a CPU user can act on,
+so the CLI starts TensorFlow with descriptor 2 pointed at a temporary file, and shows that file
+only if the start fails (or with `normtf --verbose`, which does not redirect at all).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+verbose = False  # set by `normtf --verbose`
+_started = False
+
+
+@contextmanager
+def _stderr_to_file():
+    """Descriptor 2 (C++ and Python writes alike) into a temporary file for the block; on an
+    exception the captured text is written back to the real stderr, so an error is seen whole."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            capture.seek(0)
+            os.write(2, capture.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def start_tensorflow() -> None:
+    """Import TensorFlow and let it look for GPUs (where cuInit reports), once, quietly."""
+    global _started
+    if _started:
+        return
+    if verbose:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # and its later INFO/WARNING lines
+        with _stderr_to_file():
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+        # TensorFlow's Python-side warnings (e.g. "triggered tf.function retracing" when a command
+        # evaluates several models in turn) are about TensorFlow's internals, not the user's run.
+        tf.get_logger().setLevel("ERROR")
+    _started = True

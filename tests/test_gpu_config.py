@@ -1,0 +1,105 @@
+"""The configuration `--jit auto --precision auto` picks on a GPU, rehearsed on this CPU: XLA,
+mixed_float16, several training steps per call into TensorFlow and the prefetching pipeline,
+asked for explicitly (`--jit on --precision mixed_float16 --steps-per-execution N`). No GPU runs
+these tests; they show that every layer of ours compiles and trains that way."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from normtf.config import TrainConfig
+from normtf.errors import NormtfError
+from normtf.norms import NORMS
+from normtf.runs import RunDir
+from normtf.training import train
+
+STEPS = 4  # per call into TensorFlow; an epoch of 512 images at batch 64 is 8 steps: 2 calls
+GPU = dict(jit="on", precision="mixed_float16", steps_per_execution=STEPS, batch_size=64, train_size=512,
+           test_size=256)
+GPU_FLAGS = ["--jit", "on", "--precision", "mixed_float16", "--steps-per-execution", str(STEPS),
+             "--batch-size", "64", "--train-size", "512", "--test-size", "256"]
+
+
+@pytest.fixture(autouse=True)
+def float32_afterwards():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+class Steps(keras.callbacks.Callback):
+    """The step indices the progress bar and the non-finite-loss check are shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append((batch, float(logs["loss"])))
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_every_variant_trains_and_evaluates_in_the_gpu_configuration(norm, tmp_path, dataset):
+    steps = Steps()
+    result = train(TrainConfig(norm=norm, epochs=2, **GPU), tmp_path, dataset=dataset, callbacks=[steps])
+    assert result.metrics["status"] == "finished", result.metrics
+    environment = json.loads(result.run.config.read_text())
+    assert environment["environment"]["jit_compile"] is True
+    assert environment["environment"]["precision"] == "mixed_float16"
+    assert environment["steps_per_execution"] == STEPS
+    assert [r["epoch"] for r in result.run.read_history()] == [1, 2]
+    # Two calls an epoch, each reporting its last step (0-based 3 and 7), with a finite loss.
+    assert [batch for batch, _ in steps.seen] == [3, 7, 3, 7]
+    assert all(np.isfinite(loss) for _, loss in steps.seen)
+    assert result.metrics["final_test_accuracy"] > 0.2  # 1,024 images seen; chance is 0.1
+
+
+def test_the_non_finite_loss_check_sees_a_divergence_at_a_call_boundary(tmp_path, dataset):
+    result = train(TrainConfig(norm="batch", epochs=1, lr=1e12, **GPU), tmp_path, dataset=dataset)
+    assert result.metrics["status"] == "failed"
+    assert result.metrics["failure"]["step"] % STEPS == 0  # "by step 4": within the first call
+
+
+def test_an_op_xla_cannot_compile_is_one_line_naming_it(tmp_path, dataset, monkeypatch):
+    import tensorflow as tf
+
+    from normtf import training
+
+    def model_with_an_op_xla_lacks(norm, config):
+        inputs = keras.Input((28, 28, 1))
+        x = keras.layers.Flatten(name="block1_flatten")(inputs)
+        norm_of_rows = keras.layers.Lambda(lambda t: t / tf.math.reduce_euclidean_norm(t, axis=1, keepdims=True),
+                                           name="block1_norm")(x)
+        outputs = keras.layers.Dense(10, activation="log_softmax", dtype="float32")(norm_of_rows)
+        return keras.Model(inputs, outputs)
+
+    monkeypatch.setattr(training, "build_model", model_with_an_op_xla_lacks)
+    with pytest.raises(NormtfError) as error:
+        train(TrainConfig(norm="group", epochs=1, **{**GPU, "precision": "float32"}), tmp_path, dataset=dataset)
+    message = str(error.value)
+    assert "EuclideanNorm" in message and "--jit off" in message and "\n" not in message
+
+
+def test_sigkill_then_rerun_in_the_gpu_configuration_ends_with_every_epoch_once(tmp_path):
+    command = [sys.executable, "-m", "normtf", "train", "--norm", "group", "--epochs", "2", *GPU_FLAGS,
+               "--train-size", "4096", "--runs-dir", str(tmp_path)]  # 64 steps an epoch: time to kill it in epoch 2
+    run = RunDir(tmp_path / "group")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run.history.exists() and len(json.loads(run.history.read_text())) >= 1):
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline, "no epoch within 240 s"
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=30)
+    assert not run.metrics.exists(), "the run finished before it could be killed"
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "COLUMNS": "200"})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert [r["epoch"] for r in run.read_history()] == [1, 2]
+    assert run.read_metrics()["status"] == "finished"
