@@ -95,7 +95,8 @@ TrainSize = Annotated[Optional[int], typer.Option(help="Train on a seeded class-
 TestSize = Annotated[Optional[int], typer.Option(help="Test on a seeded class-stratified subset of N images.")]
 Precision = Annotated[Literal[defaults.PRECISIONS], typer.Option(
     help="auto (mixed_float16 on a GPU, float32 on CPU), float32, mixed_float16 or mixed_bfloat16.")]
-Jit = Annotated[Literal[defaults.JIT_MODES], typer.Option(help="XLA compilation: auto (on for GPU, off for CPU), on or off.")]
+Jit = Annotated[Literal[defaults.JIT_MODES], typer.Option(
+    help="XLA compilation: auto (on for GPU, off for CPU), on or off.")]
 Deterministic = Annotated[bool, typer.Option(
     "--deterministic", help="TensorFlow op determinism: bit-identical reruns and resumes (no measurable cost on CPU).")]
 Strategy = Annotated[Literal[defaults.STRATEGIES], typer.Option(
@@ -189,7 +190,8 @@ def compare(ctx: typer.Context, norm: Norms = None,
             groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
             train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
             jit: Jit = DEFAULTS.jit, steps_per_execution: StepsPerExecution = None,
-            deterministic: Deterministic = False, seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
+            deterministic: Deterministic = False, seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy,
+            sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
             img_dir: ImgDir = Path("img"), data_dir: DataDir = None, tensorboard: Tensorboard = False,
             force: Force = False):
     """Train several variants, then draw them. Finished runs are reused; the figures show the curves and mistakes."""
@@ -236,7 +238,8 @@ def sweep(ctx: typer.Context, norm: Norms = None,
                                force=force, data_dir=data_dir, warn=warn)
     console.print(sweep_table(summary))
     console.print(f"wrote {out} and {sweeps.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
-    failed = [f"{row['norm']} at batch size {row['batch_size']}" for row in summary["rows"] if row["status"] != "finished"]
+    failed = [f"{row['norm']} at batch size {row['batch_size']}"
+              for row in summary["rows"] if row["status"] != "finished"]
     if failed:
         raise RunFailed(f"{len(failed)} of {len(summary['rows'])} runs failed (non-finite loss): {', '.join(failed)}")
 
@@ -257,7 +260,8 @@ def gallery(norm: Norms = None, count: Annotated[int, typer.Option(
 
 @app.command()
 @friendly()
-def evaluate(path: Annotated[Path, typer.Argument(metavar="PATH", help="A model.keras file, or a run directory holding one.")],
+def evaluate(path: Annotated[Path, typer.Argument(
+                 metavar="PATH", help="A model.keras file, or a run directory holding one.")],
              test_size: TestSize = None, data_dir: DataDir = None):
     """Measure a saved model on the test set. It is loaded safely: no code in the file is run."""
     from normtf.console import confusion_table, console, warn

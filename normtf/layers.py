@@ -66,13 +66,21 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
     reduction, one group's statistics stay per-sample scalars (a (B, 1, 1) operand broadcasts over
     the activations at about half the cost of a (B, 1, C) one), and the backward pass is the
     closed-form gradient: four passes over the activations each way. The variance is two-pass,
-    over x - mean: E[x^2] - E[x]^2 would save a pass but lost 1e-4 to cancellation in tests."""
+    over x - mean: E[x^2] - E[x]^2 would save a pass but lost 1e-4 to cancellation in tests.
+    Every sum is over one sample's pixels (at most H*W values); batch norm then adds the N
+    partial sums. One float32 sum over all N*H*W values of a channel drifts with its length, as
+    Keras's layer does: block 1's variances came out 1.4% off at batch 2,000 and 6% at 10,000,
+    where the two-level sums stay within 1e-5, no slower at batch 128."""
     channels = x.shape[-1]
-    rows = ops.reshape(x, (ops.shape(x)[0] if per_sample else 1, -1, channels))  # (B, K, C)
-    count = ops.shape(rows)[1] * (channels // groups)  # elements behind one statistic
+    rows = ops.reshape(x, (ops.shape(x)[0], -1, channels))  # (N, K, C)
+    samples, pixels = ops.shape(rows)[0], ops.shape(rows)[1]
+    count = pixels * (channels // groups) * (1 if per_sample else samples)  # elements behind one statistic
 
-    def sum_over_pixels(t):  # (B, K, C) -> (B, 1, C)
-        return ops.matmul(ops.ones((ops.shape(t)[0], 1, ops.shape(t)[1]), t.dtype), t)
+    def over_samples(t):  # (N, 1, C) per-sample sums -> (B, 1, C): B = N per sample, 1 for batch norm
+        return t if per_sample else ops.sum(t, axis=0, keepdims=True)
+
+    def sum_over_pixels(t):  # (N, K, C) -> (B, 1, C)
+        return over_samples(ops.matmul(ops.ones((ops.shape(t)[0], 1, ops.shape(t)[1]), t.dtype), t))
 
     def group_mean(t):  # (B, 1, C) per-channel sums -> per-group means: (B, 1, 1) for one group, else
         b = ops.shape(t)[0]  # broadcast back to (B, 1, C)
@@ -81,8 +89,7 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
         sums = ops.sum(ops.reshape(t, (b, groups, channels // groups)), axis=-1, keepdims=True)
         return ops.reshape(ops.broadcast_to(sums, (b, groups, channels // groups)), (b, 1, channels)) / ops.cast(count, t.dtype)
 
-    if groups == 1:  # one statistic per sample: reductions along each sample's contiguous row are cheapest
-        samples = ops.shape(rows)[0]
+    if per_sample and groups == 1:  # one statistic per sample: reductions along each sample's contiguous row are cheapest
         mean = ops.stop_gradient(ops.reshape(ops.mean(ops.reshape(rows, (samples, -1)), axis=1), (samples, 1, 1)))
         centered = rows - mean
         squares = _sum_of_squares(ops.reshape(centered, (samples, -1)), axis=1)
@@ -90,7 +97,7 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
     else:
         mean = ops.stop_gradient(group_mean(sum_over_pixels(rows)))
         centered = rows - mean
-        variance = group_mean(_sum_of_squares(centered, axis=1))
+        variance = group_mean(over_samples(_sum_of_squares(centered, axis=1)))
     inv = ops.rsqrt(ops.stop_gradient(variance) + epsilon)
 
     @ops.custom_gradient

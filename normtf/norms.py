@@ -19,7 +19,6 @@ EPS = 1e-5  # PyTorch's default for BatchNorm2d, GroupNorm and LayerNorm; Keras'
 @dataclass(frozen=True)
 class Norm:
     make: Callable[[TrainConfig], object]  # config -> a Keras layer
-    label: str  # names its figures: img/misclassified_<label>.png
     description: str
     l1: bool = False  # add the L1 kernel penalty (the study's "batch norm + L1" run)
     uses: frozenset[str] = frozenset()  # which of VARIANT_SETTINGS this variant reads
@@ -51,14 +50,14 @@ def _layer_per_channel(config):
 
 
 NORMS: dict[str, Norm] = {
-    "batch-l1": Norm(_batch, "BatchNorm", "batch norm + L1 on the kernels (the study's run)", l1=True,
+    "batch-l1": Norm(_batch, "batch norm + L1 on the kernels (the study's run)", l1=True,
                      uses=frozenset({"l1", "sync_bn"})),
-    "batch": Norm(_batch, "BatchNormNoL1", "batch norm without L1 (the control the study lacks)",
+    "batch": Norm(_batch, "batch norm without L1 (the control the study lacks)",
                   uses=frozenset({"sync_bn"})),
-    "layer": Norm(_layer, "LayerNorm", "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])"),
-    "group": Norm(_group, "GroupNorm", "group norm, per-channel gamma/beta, --groups groups (2 in the study)",
+    "layer": Norm(_layer, "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])"),
+    "group": Norm(_group, "group norm, per-channel gamma/beta, --groups groups (2 in the study)",
                   uses=frozenset({"groups"})),
-    "layer-c": Norm(_layer_per_channel, "LayerNormPerChannel",
+    "layer-c": Norm(_layer_per_channel,
                     "layer norm with per-channel gamma/beta (group norm with one group): 9,910 parameters"),
 }
 

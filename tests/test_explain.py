@@ -1,4 +1,5 @@
-"""`normtf explain` at any batch size, and the README's explain table as the command prints it."""
+"""`normtf explain` at any batch size, and the explain table of docs/how-it-works.md as the command
+prints it."""
 
 import re
 from pathlib import Path
@@ -35,8 +36,8 @@ def per_channel_output(x: np.ndarray, variance_error: float) -> np.ndarray:
 
 
 def test_inexact_statistics_of_a_large_part_are_still_found():
-    # Parts of 1.35 M values: float32 sums over them may be 8% off, so 5% is within what the layer
-    # can deliver; the fixed tolerance that was here (1%) answered "no partition" at batch 10,000.
+    # Parts of 1.35 M values: a one-pass float32 sum over them may be 8% off, so 5% is within what a
+    # layer can deliver; the fixed tolerance that was here (1%) answered "no partition" at batch 10,000.
     x = channels((2000, 26, 26, 2))
     assert find_statistics_sets(x, per_channel_output(x, 0.05)) == ("N, H, W (per channel)", 2)
     # ...but a variance 50% off is not a standardization at any size, and no finer partition is one.
@@ -65,8 +66,8 @@ def test_explain_refuses_more_images_than_the_test_set(size):
 
 
 def readme_explain_table() -> tuple[list[str], dict[tuple[str, str], list[str]]]:
-    """The README's `normtf explain` command line and its table: {(variant, layer): cells}."""
-    text = (ROOT / "README.md").read_text()
+    """The `normtf explain` command line in docs/how-it-works.md and its table: {(variant, layer): cells}."""
+    text = (ROOT / "docs" / "how-it-works.md").read_text()
     command = re.search(r"`(normtf explain [^`]*)`[^\n]*\n\n\|", text).group(1)
     table = text[text.index("| variant | layer | input (N,H,W,C) |"):].split("\n\n")[0]
     rows = {}

@@ -87,7 +87,7 @@ def test_an_op_xla_cannot_compile_is_one_line_naming_it(tmp_path, dataset, monke
 
 def test_sigkill_then_rerun_in_the_gpu_configuration_ends_with_every_epoch_once(tmp_path):
     command = [sys.executable, "-m", "normtf", "train", "--norm", "group", "--epochs", "2", *GPU_FLAGS,
-               "--train-size", "4096", "--runs-dir", str(tmp_path)]  # 64 steps an epoch: time to kill it in epoch 2
+               "--train-size", "2048", "--runs-dir", str(tmp_path)]  # 32 steps an epoch: time to kill it in epoch 2
     run = RunDir(tmp_path / "group")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

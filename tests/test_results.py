@@ -1,5 +1,6 @@
-"""The committed results behind the README: the models re-evaluate to their metrics, and every
-normtf number in the README's results table is the one in the committed files."""
+"""The committed results behind the README and docs/: the models re-evaluate to their metrics, and
+every normtf number in the results tables (docs/results.md, docs/speed.md, the README's headline) is
+the one in the committed files."""
 
 import json
 import re
@@ -21,9 +22,9 @@ SEED = "seed-42"  # the reproduction table's runs; more seeds sit beside them
 
 
 def readme_rows():
-    """{variant: cells} of the README results table's normtf rows."""
+    """{variant: cells} of the seed-42 results table's normtf rows (docs/results.md)."""
     rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in (ROOT / "docs" / "results.md").read_text().splitlines():
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
         if len(cells) == 8 and cells[1] == "normtf":
             rows[cells[0].strip("`")] = cells
@@ -65,18 +66,21 @@ def test_committed_configs_name_their_data_by_checksum_not_by_path():
 
 
 def test_readme_figures_exist():
-    for name in re.findall(r"\]\((img/[^)]+\.png)\)", (ROOT / "README.md").read_text()):
-        assert (ROOT / name).is_file(), name
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for name in re.findall(r"\]\(((?:\.\./)?img/[^)]+\.png)\)", page.read_text()):
+            assert (page.parent / name).is_file(), (page.name, name)
 
 
 RECIPE_DIRS = {"reference": REFERENCE, "tuned": ROOT / "results" / "tuned"}
+SEED_PAGES = ["README.md", "docs/results.md"]
 
 
 def seed_rows():
-    """[(variant, recipe, cells)] of the README's several-seed tables: variant, recipe, params,
-    seeds, final test accuracy mean ± std, each seed's final accuracy, mean best accuracy."""
+    """[(variant, recipe, cells)] of the several-seed tables (the README's headline and those in
+    docs/results.md, each copy checked): variant, recipe, params, seeds, final test accuracy
+    mean ± std, each seed's final accuracy, mean best accuracy."""
     rows = []
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in "\n".join((ROOT / page).read_text() for page in SEED_PAGES).splitlines():
         cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
         if len(cells) == 7 and cells[1] in RECIPE_DIRS:
             rows.append((cells[0].strip("`"), cells[1], cells))
@@ -118,9 +122,9 @@ def test_tuned_runs_are_the_tuned_recipe_on_full_mnist_and_re_evaluate(path, dat
 
 
 def readme_table(header: list[str]) -> dict[str, list[str]]:
-    """{first cell: cells} of the README table whose header row starts with `header`."""
+    """{first cell: cells} of the docs/speed.md table whose header row starts with `header`."""
     rows, inside = {}, False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in (ROOT / "docs" / "speed.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[:len(header)] == header:
             inside = True
