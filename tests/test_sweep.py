@@ -27,3 +27,15 @@ def test_sweep_trains_every_pair_writes_json_and_figure(tmp_path, dataset):
     assert all(0 <= r["test_error_percent"] <= 100 for r in summary["rows"])
     assert (tmp_path / "runs" / "batch-16" / "group" / "model.keras").is_file()
     assert draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_the_sweep_table_title_counts_epochs_in_words_that_read():
+    from rich.console import Console
+
+    from normtf.console import sweep_table
+
+    rows = [{"norm": "batch", "batch_size": 8, "status": "finished", "test_error_percent": 3.5}]
+    for epochs, phrase in [(1, "after 1 epoch of 512 images"), (2, "after 2 epochs of 512 images")]:
+        console = Console(width=200, record=True)
+        console.print(sweep_table({"rows": rows, "budget": {"epochs": epochs, "train_size": 512}}))
+        assert phrase in " ".join(console.export_text().split())  # the title wraps at the table's width
