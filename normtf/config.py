@@ -79,7 +79,8 @@ RULES = {
     "momentum": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1] (Keras's range for SGD)"),
     "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "l1": (lambda v: _number(v) and v >= 0, "a finite number, 0 or more"),
-    "groups": (lambda v: v in valid_groups(), "a count that divides every block's channel count"),
+    "groups": (lambda v: v in valid_groups(),
+               lambda: f"a count that divides every block's channel count ({' or '.join(map(str, valid_groups()))})"),
     "rotation": (lambda v: _number(v) and 0 <= v <= 180, "an angle in degrees from 0 to 180"),
     "seed": (_whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED:,}"),
     "train_size": (_whole(1), "a whole number, at least 1"),
@@ -110,7 +111,7 @@ def check_options(values: dict) -> None:
     """UsageError naming the first value in `values` (parameter name -> value) that RULES refuses."""
     for name, value in values.items():  # None: not given, or a setting this variant does not use
         if name in RULES and value is not None and not RULES[name][0](value):
-            rule = RULES[name][1] + (f" ({' or '.join(map(str, valid_groups()))})" if name == "groups" else "")
+            rule = RULES[name][1]() if callable(RULES[name][1]) else RULES[name][1]  # computed: needs models.py
             raise UsageError(f"--{name.replace('_', '-')} must be {rule} (got {value!r})")
 
 # Named starting points for a config; flags given on the command line override them.
