@@ -240,22 +240,22 @@ def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int,
     `steps_per_execution` steps, so the timed loop is the one training runs."""
     import keras
 
-    from normtf import data as mnist
+    from normtf import data as datasets
     from normtf.training import EVAL_BATCH, prepare
 
     config = TrainConfig(norm=norm)
-    data = mnist.load_mnist()
+    data = datasets.load("mnist")  # the reference's dataset
     n, batch = len(data.y_train), config.batch_size
-    per_epoch, total = mnist.steps_per_epoch(n, batch), warmup + repeats * steps
+    per_epoch, total = datasets.steps_per_epoch(n, batch), warmup + repeats * steps
     model, _, _ = prepare(config, per_epoch)
-    train = mnist.train_dataset(data.x_train, data.y_train, batch, config.seed, config.rotation, 0,
-                                -(-total // per_epoch))
+    train = datasets.train_dataset(data.x_train, data.y_train, batch, config.seed, config.rotation, 0,
+                                   -(-total // per_epoch), data.mean, data.std)
     sizes = [min(batch, n - (step % per_epoch) * batch) for step in range(total + per_epoch)]  # short last batch
     windows = _Windows([warmup - 1 + k * steps for k in range(repeats + 1)], sizes, gate, done)
     model.fit(train, epochs=1, steps_per_epoch=total, verbose=0,
               callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=windows)])
 
-    test = mnist.test_dataset(data.x_test, data.y_test, EVAL_BATCH)
+    test = datasets.test_dataset(data.x_test, data.y_test, data.mean, data.std, EVAL_BATCH)
     gate()
     model.evaluate(test, verbose=0)  # warm-up, not timed: traces the test step and fills the dataset cache
     eval_seconds = []

@@ -12,10 +12,12 @@ import typer
 
 from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
+from normtf.data import DATASETS
 from normtf.errors import Interrupted, NormtfError, RunFailed, UsageError
 from normtf.norms import NORMS
+from normtf.runs import dataset_dir
 
-app = typer.Typer(help="normtf: batch, layer and group normalization on an MNIST CNN, measured and drawn.",
+app = typer.Typer(help="normtf: batch, layer and group normalization in a small CNN on MNIST or Fashion-MNIST, measured and drawn.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None)
 NormName = enum.Enum("NormName", {name: name for name in NORMS}, type=str)
@@ -73,10 +75,14 @@ def friendly(tensorflow: bool = True):
 
 NORM_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())
 Norms = Annotated[Optional[list[NormName]], typer.Option("--norm", help=f"Variant (repeat for several). {NORM_HELP}.")]
-RunsDir = Annotated[Path, typer.Option(help="Where runs are stored: <runs-dir>/<norm>/.")]
+RunsDir = Annotated[Path, typer.Option(help="Where runs are stored: <runs-dir>/<norm>/ (<runs-dir>/<dataset>/<norm>/ "
+                                                "for a dataset other than MNIST).")]
 ImgDir = Annotated[Path, typer.Option(help="Where figures are written.")]
 DataDir = Annotated[Optional[Path], typer.Option(
-    help="A directory with the four MNIST IDX files (raw or .gz). Default: the cache, else download.")]
+    help="A directory with the dataset's four IDX files (raw or .gz). Default: the cache, else download.")]
+DatasetName = Annotated[Literal[tuple(DATASETS)], typer.Option(help=(
+    "The dataset: " + ", ".join(DATASETS) + ". Runs and figures of a dataset other than MNIST go into a "
+    "subdirectory of its name under --runs-dir and --img-dir."))]
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
 Lr = Annotated[float, typer.Option(help="SGD learning rate.")]
@@ -143,21 +149,21 @@ def _config(ctx: typer.Context, parameters: dict, **overrides) -> TrainConfig:
 
 @app.command()
 @friendly(tensorflow=False)
-def data(data_dir: DataDir = None):
-    """Make MNIST available and print where it is. Every file is verified by its SHA-256."""
+def data(dataset: DatasetName = "mnist", data_dir: DataDir = None):
+    """Make a dataset available and print where it is. Every file is verified by its SHA-256."""
+    from normtf import data as datasets
     from normtf.console import console, warn
-    from normtf.data import load_mnist
 
-    mnist = load_mnist(data_dir, warn=warn)
-    console.print(f"MNIST is in {mnist.source}: {len(mnist.y_train):,} training and "
-                  f"{len(mnist.y_test):,} test images")
+    images = datasets.load(dataset, data_dir, warn=warn)
+    console.print(f"{images.spec.title} is in {images.source}: {len(images.y_train):,} training and "
+                  f"{len(images.y_test):,} test images; normalized with mean {images.mean:g}, std {images.std:g}")
 
 
 @app.command()
 @friendly()
 def train(ctx: typer.Context,
           norm: Annotated[NormName, typer.Option(help=f"Normalization variant. {NORM_HELP}.")] = NormName("batch-l1"),
-          recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
+          dataset: DatasetName = "mnist", recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
           lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
           dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
@@ -184,7 +190,7 @@ def train(ctx: typer.Context,
 @friendly()
 def compare(ctx: typer.Context, norm: Norms = None,
             all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
-            recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
+            dataset: DatasetName = "mnist", recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
             lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
             dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
             groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
@@ -202,7 +208,7 @@ def compare(ctx: typer.Context, norm: Norms = None,
     if not norms:
         raise UsageError("name the variants with --norm (repeatable) or use --all")
     config = _config(ctx, locals(), norm=norms[0])
-    _writable(img_dir)
+    img_dir = _writable(dataset_dir(img_dir, dataset))
     results = study.compare(norms, config, runs_dir, parse_seeds(seeds, seed), _progress(bool(seeds)), force, data_dir,
                             tensorboard, warn)
     console.print(results_table(study.by_norm(results), title="normtf compare"))
@@ -215,7 +221,7 @@ def compare(ctx: typer.Context, norm: Norms = None,
 
 @app.command()
 @friendly()
-def sweep(ctx: typer.Context, norm: Norms = None,
+def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist",
           batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
               map(str, defaults.SWEEP_BATCH_SIZES)),
           epochs: Epochs = defaults.SWEEP_EPOCHS, train_size: TrainSize = defaults.SWEEP_TRAIN_SIZE,
@@ -223,7 +229,8 @@ def sweep(ctx: typer.Context, norm: Norms = None,
           scale_lr: Annotated[bool, typer.Option(
               help=f"Scale the learning rate linearly with the batch size (--lr at batch {DEFAULTS.batch_size}).")] = True,
           seed: Seed = DEFAULTS.seed, groups: Groups = DEFAULTS.groups, runs_dir: RunsDir = Path("runs/sweep"),
-          out: Annotated[Path, typer.Option(help="The sweep's table as JSON.")] = Path("results/sweep.json"),
+          out: Annotated[Optional[Path], typer.Option(
+              help="The sweep's table as JSON. Default: results/sweep.json (results/<dataset>/sweep.json).")] = None,
           img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
     """Test error against batch size. Each variant at each batch size, on the same budget of images."""
     from normtf import sweep as sweeps
@@ -232,7 +239,8 @@ def sweep(ctx: typer.Context, norm: Norms = None,
 
     sizes = parse_batch_sizes(batch_sizes)
     norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
-    _writable(img_dir)
+    img_dir = _writable(dataset_dir(img_dir, dataset))
+    out = out or dataset_dir("results", dataset) / "sweep.json"
     summary = sweeps.run_sweep(norms, sizes, _config(ctx, locals(), norm=norms[0]), scale_lr, runs_dir, out,
                                callbacks_for=lambda c: [EpochProgress(f"{c.norm} at batch size {c.batch_size}")],
                                force=force, data_dir=data_dir, warn=warn)
@@ -246,15 +254,15 @@ def sweep(ctx: typer.Context, norm: Norms = None,
 
 @app.command()
 @friendly()
-def gallery(norm: Norms = None, count: Annotated[int, typer.Option(
+def gallery(norm: Norms = None, dataset: DatasetName = "mnist", count: Annotated[int, typer.Option(
                 help="Misclassified images per variant (at most 500 are drawn).")] = 10,
             runs_dir: RunsDir = Path("runs"), img_dir: ImgDir = Path("img"), data_dir: DataDir = None):
     """Grids of misclassified test images. The first ones of each trained run, titled with truth and prediction."""
     from normtf import study
     from normtf.console import console, warn
 
-    results = study.stored_results([n.value for n in norm] if norm else list(NORMS), runs_dir, warn)
-    for path in study.gallery(results, img_dir, count, data_dir=data_dir, warn=warn):
+    results = study.stored_results([n.value for n in norm] if norm else list(NORMS), runs_dir, dataset, warn)
+    for path in study.gallery(results, dataset_dir(img_dir, dataset), count, data_dir=data_dir, warn=warn):
         console.print(f"wrote {path}")
 
 
@@ -262,13 +270,20 @@ def gallery(norm: Norms = None, count: Annotated[int, typer.Option(
 @friendly()
 def evaluate(path: Annotated[Path, typer.Argument(
                  metavar="PATH", help="A model.keras file, or a run directory holding one.")],
+             dataset: Annotated[Optional[Literal[tuple(DATASETS)]], typer.Option(
+                 help="The test set: " + ", ".join(DATASETS) + ". Default: the one the run's config.json names, "
+                      "else mnist.")] = None,
              test_size: TestSize = None, data_dir: DataDir = None):
     """Measure a saved model on the test set. It is loaded safely: no code in the file is run."""
+    from normtf import data as datasets
     from normtf.console import confusion_table, console, warn
-    from normtf.data import load_mnist
-    from normtf.evaluation import evaluate_file
+    from normtf.evaluation import evaluate_file, trained_on
 
-    result = evaluate_file(path, load_mnist(data_dir, warn=warn), test_size, warn=warn)
+    recorded = trained_on(path)
+    if dataset and recorded and dataset != recorded:
+        warn(f"{path} was trained on {DATASETS[recorded].title}; evaluating it on {DATASETS[dataset].title} as you asked")
+    result = evaluate_file(path, datasets.load(dataset or recorded or datasets.DEFAULT, data_dir, warn=warn), test_size,
+                           warn=warn)
     console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
                   f"({result.correct:,} of {result.total:,} correct)")
     console.print(confusion_table(result))
@@ -278,20 +293,20 @@ def evaluate(path: Annotated[Path, typer.Argument(
 @friendly()
 def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(
                 help="Images in the probe batch: the first N test images, 2 to 10,000 (the test set).")] = 32,
-            groups: Groups = DEFAULTS.groups, data_dir: DataDir = None):
+            groups: Groups = DEFAULTS.groups, dataset: DatasetName = "mnist", data_dir: DataDir = None):
     """Show what each norm layer computes. Each is run on a real batch of test images and its statistics found."""
     from normtf.console import console, explain_table, warn
-    from normtf.data import load_mnist
+    from normtf import data as datasets
     from normtf.explain import explain_test_batch
 
     if batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 to show batch statistics (got {batch_size})")
-    dataset = load_mnist(data_dir, warn=warn)
-    if batch_size > len(dataset.y_test):
-        raise UsageError(f"--batch-size must be at most {len(dataset.y_test):,}, the number of test images "
+    images = datasets.load(dataset, data_dir, warn=warn)
+    if batch_size > len(images.y_test):
+        raise UsageError(f"--batch-size must be at most {len(images.y_test):,}, the number of test images "
                          f"(got {batch_size:,})")
     for name in [n.value for n in norm] if norm else list(NORMS):
-        reports = explain_test_batch(TrainConfig(norm=name, groups=groups).validate(), dataset, batch_size)
+        reports = explain_test_batch(TrainConfig(norm=name, groups=groups).validate(), images, batch_size)
         console.print(explain_table(name, batch_size, reports))
 
 

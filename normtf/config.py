@@ -14,6 +14,7 @@ class TrainConfig:
     """Everything that decides a run's numbers. Defaults are the reference recipe (REFERENCE.md)."""
 
     norm: str = "batch-l1"
+    dataset: str = "mnist"  # a key of data.DATASETS
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.01  # the peak rate under the one-cycle schedule
@@ -73,6 +74,7 @@ def _whole(low: int, high: float = math.inf):
 # all of a command's values against this table before it loads data or touches a file, and
 # TrainConfig.validate checks a config's fields against it, so the two can never disagree.
 RULES = {
+    "dataset": (lambda v: v in dataset_names(), lambda: f"one of {', '.join(dataset_names())}"),
     "epochs": (_whole(1), "a whole number, at least 1"),
     "batch_size": (_whole(1), "a whole number, at least 1"),
     "lr": (lambda v: _number(v) and v > 0, "a positive finite number"),
@@ -97,6 +99,12 @@ RULES = {
     "seeds": (lambda v: parse_seeds(v, 0) is not None, ""),
     "batch_sizes": (lambda v: parse_batch_sizes(v) is not None, ""),
 }
+
+
+def dataset_names() -> tuple[str, ...]:
+    from normtf.data import DATASETS  # imported here: the CLI checks values before loading more than it needs
+
+    return tuple(DATASETS)
 
 
 def valid_groups() -> tuple[int, ...]:

@@ -75,13 +75,15 @@ def sweep_table(summary: dict) -> Table:
 
 
 def confusion_table(evaluation) -> Table:
-    table = Table(title="confusion matrix (rows: true digit, columns: predicted)")
+    """Rows: true class, columns: predicted (numbered; the rows name classes that are not digits)."""
+    table = Table(title="confusion matrix (rows: true class, columns: predicted)")
     table.add_column("true", justify="right")
-    for digit in range(10):
-        table.add_column(str(digit), justify="right")
-    for digit, row in enumerate(evaluation.confusion_matrix()):
-        table.add_row(str(digit), *[f"[bold]{v}[/]" if i == digit else (str(v) if v else "·")
-                                    for i, v in enumerate(row)])
+    for k in range(len(evaluation.classes)):
+        table.add_column(str(k), justify="right")
+    for k, row in enumerate(evaluation.confusion_matrix()):
+        name = evaluation.classes[k]
+        table.add_row(name if name == str(k) else f"{name} {k}", *[
+            f"[bold]{v}[/]" if i == k else (str(v) if v else "·") for i, v in enumerate(row)])
     return table
 
 

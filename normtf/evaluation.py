@@ -1,4 +1,4 @@
-"""Load a saved model safely and measure it on the MNIST test set."""
+"""Load a saved model safely and measure it on a dataset's test set."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normtf import data as mnist
+from normtf import data
 from normtf.errors import CorruptFile, NormtfError
 from normtf.layers import with_our_classes  # importing normtf.layers also lets older files that name them load
 from normtf.runs import RunDir
@@ -25,13 +25,14 @@ class Evaluation:
     probabilities: np.ndarray  # (N, 10)
     labels: np.ndarray  # (N,)
     images: np.ndarray  # (N, 28, 28) uint8, as stored
+    classes: tuple[str, ...] = tuple(map(str, range(10)))  # the dataset's class names
 
     @property
     def predictions(self) -> np.ndarray:
         return self.probabilities.argmax(axis=1)
 
     def confusion_matrix(self) -> np.ndarray:
-        """Rows: true digit; columns: predicted digit."""
+        """Rows: true class; columns: predicted class."""
         matrix = np.zeros((10, 10), dtype=int)
         np.add.at(matrix, (self.labels, self.predictions), 1)
         return matrix
@@ -44,7 +45,7 @@ class Evaluation:
 def load_model(path: Path):
     """Load a .keras file with safe_mode: a file carrying a Lambda layer or other code is refused.
     The model comes back with normtf's layers in place of Keras's (faster, as trained), and must
-    take MNIST's 28x28x1 images and give 10 outputs."""
+    take 28x28x1 images and give 10 outputs, as every dataset of data.DATASETS has."""
     import keras
 
     path = Path(path)
@@ -100,15 +101,17 @@ def _check_shapes(model, path: Path) -> None:
         return
     if len(inputs) != 1 or len(inputs[0]) != 4 or any(d not in (None, e) for d, e in zip(inputs[0][1:], INPUT_SHAPE)):
         raise NormtfError(f"{path} takes inputs of shape {', '.join(show(s[1:]) for s in inputs)}; normtf evaluates "
-                          f"on MNIST's {show(INPUT_SHAPE)} images (height x width x channels)")
+                          f"on {show(INPUT_SHAPE)} images (height x width x channels)")
     if len(outputs) != 1 or outputs[0][1:] not in ((10,), (None,)):
         raise NormtfError(f"{path} outputs {', '.join(show(s[1:]) for s in outputs)} values an image; "
-                          "normtf evaluates 10 (one per digit)")
+                          "normtf evaluates 10 (one per class)")
 
 
-def evaluate(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000,
-             warn=lambda message: None) -> Evaluation:
-    outputs = model.predict(mnist.test_dataset(images, labels, batch_size).map(lambda x, y: x), verbose=0)
+def evaluate(model, images: np.ndarray, labels: np.ndarray, normalization: tuple[float, float],
+             batch_size: int = 1000, warn=lambda message: None) -> Evaluation:
+    """The model on these uint8 images, normalized with (mean, std) as in training."""
+    outputs = model.predict(data.test_dataset(images, labels, *normalization, batch_size).map(lambda x, y: x),
+                            verbose=0)
     log_probs = as_log_probabilities(outputs.astype(np.float64), warn)
     correct = int((log_probs.argmax(axis=1) == labels).sum())
     loss = float(-log_probs[np.arange(len(labels)), labels].mean())
@@ -134,8 +137,21 @@ def as_log_probabilities(outputs: np.ndarray, warn=lambda message: None, toleran
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def evaluate_file(path: Path, dataset: mnist.Mnist, test_size: int | None = None,
+def trained_on(path: Path) -> str | None:
+    """The dataset a run's config.json names for this model file or run directory (MNIST for runs
+    made before there was a choice), or None when the model is not in a run directory."""
+    run = RunDir(path if Path(path).is_dir() else Path(path).parent)
+    try:
+        stored = run.stored_config()
+    except (CorruptFile, KeyError, TypeError):
+        return None
+    return stored.dataset if stored else None
+
+
+def evaluate_file(path: Path, dataset: data.Images, test_size: int | None = None,
                   warn=lambda message: None) -> Evaluation:
     model = load_model(path)
-    idx = mnist.stratified_subset(dataset.y_test, test_size)
-    return evaluate(model, dataset.x_test[idx], dataset.y_test[idx], warn=warn)
+    idx = data.stratified_subset(dataset.y_test, test_size)
+    result = evaluate(model, dataset.x_test[idx], dataset.y_test[idx], (dataset.mean, dataset.std), warn=warn)
+    result.classes = dataset.spec.classes
+    return result

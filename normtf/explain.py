@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from normtf import data as mnist
+from normtf import data
 from normtf.config import TrainConfig
 from normtf.models import build_model, norm_layers
 from normtf.norms import EPS
@@ -148,6 +148,6 @@ def explain(norm: str, images: np.ndarray, config: TrainConfig | None = None) ->
     return reports
 
 
-def explain_test_batch(config: TrainConfig, dataset: mnist.Mnist, batch_size: int) -> list[NormReport]:
-    """`explain` on the first `batch_size` MNIST test images, normalized as the model sees them."""
-    return explain(config.norm, mnist.normalized(dataset.x_test[:batch_size]), config)
+def explain_test_batch(config: TrainConfig, dataset: data.Images, batch_size: int) -> list[NormReport]:
+    """`explain` on the first `batch_size` test images, normalized as the model sees them."""
+    return explain(config.norm, data.normalized(dataset.x_test[:batch_size], dataset.mean, dataset.std), config)

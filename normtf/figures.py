@@ -1,4 +1,4 @@
-"""Figures the README shows: training curves of all variants, misclassified digits, the batch-size sweep.
+"""Figures the README shows: training curves of all variants, misclassified images, the batch-size sweep.
 
 Each is drawn to be read where the README shows it, about 900 pixels wide: few inches and large
 type, every axis with labelled ticks, legends outside the data. A *_figure function builds the
@@ -116,34 +116,41 @@ def _accuracy_floor(runs: dict[str, dict], key: str) -> float:
 
 GALLERY_CELL, GALLERY_IMAGE = 1.9, 1.7  # inches: the width of a column, the side of a digit
 GALLERY_ROW = GALLERY_IMAGE + 0.55  # a digit and its two-line title
+GALLERY_CHAR = 0.085  # inches a caption character takes at 11 points, about
 GALLERY_HEADER = 0.8  # inches above the first row for the figure's two-line title, whatever the rows
 
 
-def misclassified_figure(images, labels, predictions, confidences, title: str, columns: int = 5) -> Figure:
-    """A grid of digits, each titled with its true label, the prediction and the model's confidence:
-    `columns` wide, or as many as there are digits if fewer. Every cell and the title band have a
-    fixed size in inches, so a long grid gets no more space under its title than a short one."""
+def misclassified_figure(images, labels, predictions, confidences, title: str, columns: int = 5,
+                         classes: tuple[str, ...] | None = None) -> Figure:
+    """A grid of images, each titled with its true class, the prediction and the model's confidence:
+    `columns` wide, or as many as there are images if fewer. Every cell and the title band have a
+    fixed size in inches, so a long grid gets no more space under its title than a short one; a
+    cell is wider only when class names (Fashion-MNIST's "T-shirt/top") need it."""
+    name = (lambda k: classes[k]) if classes else str
+    captions = [f"true {name(label)} · pred {name(prediction)}" for label, prediction in zip(labels, predictions)]
+    cell = max([GALLERY_CELL] + [GALLERY_CHAR * len(caption) + 0.2 for caption in captions])
     columns = max(1, min(columns, len(images)))
     rows = max(1, -(-len(images) // columns))
-    width, height = GALLERY_CELL * columns, GALLERY_HEADER + GALLERY_ROW * rows
+    width, height = cell * columns, GALLERY_HEADER + GALLERY_ROW * rows
     figure = Figure(figsize=(width, height))
-    cells = [figure.add_axes(((c * GALLERY_CELL + (GALLERY_CELL - GALLERY_IMAGE) / 2) / width,
+    cells = [figure.add_axes(((c * cell + (cell - GALLERY_IMAGE) / 2) / width,
                               (height - GALLERY_HEADER - (r + 1) * GALLERY_ROW) / height,
                               GALLERY_IMAGE / width, GALLERY_IMAGE / height))
              for r in range(rows) for c in range(columns)]
     for ax in cells:
         ax.axis("off")
-    for ax, image, label, prediction, p in zip(cells, images, labels, predictions, confidences):
+    for ax, image, caption, p in zip(cells, images, captions, confidences):
         ax.imshow(image, cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(f"true {label} · pred {prediction}\np = {p:.2f}", fontsize=11, linespacing=1.3)
+        ax.set_title(f"{caption}\np = {p:.2f}", fontsize=11, linespacing=1.3)
     if len(images) == 0:
         cells[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     figure.suptitle(title, fontsize=12, y=1 - 0.1 / height, va="top", linespacing=1.4)
     return figure
 
 
-def plot_misclassified(images, labels, predictions, confidences, path: Path, title: str, columns: int = 5) -> Path:
-    return save(misclassified_figure(images, labels, predictions, confidences, title, columns), path)
+def plot_misclassified(images, labels, predictions, confidences, path: Path, title: str,
+                       classes: tuple[str, ...] | None = None, columns: int = 5) -> Path:
+    return save(misclassified_figure(images, labels, predictions, confidences, title, columns, classes), path)
 
 
 def sweep_figure(lines: dict[str, dict], title: str) -> Figure:

@@ -1,6 +1,7 @@
 """A run directory on disk: which files it holds, written whole or not at all, and its lock.
 
-runs/<norm>/ (runs/<norm>/seed-<s>/ for multi-seed studies) holds config.json, history.json,
+runs/<norm>/ (runs/<norm>/seed-<s>/ for multi-seed studies; runs/<dataset>/<norm>/ for a dataset
+other than MNIST, so that two datasets' runs never share a directory) holds config.json, history.json,
 history.csv, metrics.json, model.keras, and while a run is unfinished, checkpoint/ (the last
 finished epoch's weights and optimizer state).
 """
@@ -24,6 +25,12 @@ from normtf.norms import relevant
 HISTORY_KEYS = ["epoch", "train_loss", "train_objective", "train_accuracy", "test_loss", "test_accuracy", "epoch_time"]
 
 
+def dataset_dir(directory: Path | str, dataset: str) -> Path:
+    """Where a dataset's runs or figures go under `directory`: MNIST's (the default, and every run
+    made before there was a choice) at the top, another dataset's in a subdirectory of its name."""
+    return Path(directory) if dataset == TrainConfig().dataset else Path(directory) / dataset
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -38,8 +45,9 @@ class RunDir:
 
     @classmethod
     def for_config(cls, runs_dir: Path | str, config: TrainConfig, per_seed: bool = False) -> RunDir:
-        """<runs-dir>/<norm>/, or <runs-dir>/<norm>/seed-<seed>/ when a study runs several seeds."""
-        path = Path(runs_dir) / config.norm
+        """<runs-dir>/<norm>/, or <runs-dir>/<norm>/seed-<seed>/ when a study runs several seeds;
+        under <runs-dir>/<dataset>/ for a dataset other than MNIST."""
+        path = dataset_dir(runs_dir, config.dataset) / config.norm
         return cls(path / f"seed-{config.seed}" if per_seed else path)
 
     def __repr__(self):

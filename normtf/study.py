@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from normtf import data as mnist
+from normtf import data
 from normtf import figures
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError, RunFailed
 from normtf.evaluation import evaluate_file
 from normtf.norms import color, get_norm
-from normtf.runs import RunDir
+from normtf.runs import RunDir, dataset_dir
 from normtf.training import TrainResult, preflight, train
 
 
@@ -22,7 +22,7 @@ def compare(norms: list[str], config: TrainConfig, runs_dir: Path, seeds: list[i
     settings. Every run is checked before the first one starts."""
     configs = [preflight(config.replace(norm=norm, seed=seed), runs_dir, bool(seeds), force)
                for norm in norms for seed in seeds or [config.seed]]
-    dataset = functools.cache(lambda: mnist.load_mnist(data_dir, warn=warn))
+    dataset = functools.cache(lambda: data.load(config.dataset, data_dir, warn=warn))
     return [train(c, runs_dir, dataset=dataset, callbacks=callbacks_for(c), tensorboard=tensorboard, force=force,
                   per_seed=bool(seeds), warn=warn) for c in configs]
 
@@ -55,16 +55,19 @@ def load_result(run: RunDir, warn=lambda message: None) -> TrainResult | None:
         return None
 
 
-def stored_results(norms: list[str], runs_dir: Path, warn=lambda message: None) -> list[TrainResult]:
-    """The stored runs of these variants: <runs-dir>/<norm>/, else its seed-<s>/ runs."""
-    results = []
+def stored_results(norms: list[str], runs_dir: Path, dataset: str = data.DEFAULT,
+                   warn=lambda message: None) -> list[TrainResult]:
+    """The stored runs of these variants on `dataset`: <runs-dir>/<norm>/, else its seed-<s>/ runs
+    (under <runs-dir>/<dataset>/ for a dataset other than MNIST)."""
+    results, directory = [], dataset_dir(runs_dir, dataset)
     for norm in norms:
-        single = load_result(RunDir(Path(runs_dir) / norm), warn)
-        seeded = [load_result(RunDir(p), warn) for p in sorted(Path(runs_dir, norm).glob("seed-*"))]
+        single = load_result(RunDir(directory / norm), warn)
+        seeded = [load_result(RunDir(p), warn) for p in sorted((directory / norm).glob("seed-*"))]
         results += [single] if single else [r for r in seeded if r]
     if not results:
-        raise NormtfError(f"no trained run in {runs_dir} for {', '.join(norms)}; "
-                          "train first: normtf compare --all (or normtf train --norm <norm>)")
+        flag = "" if dataset == data.DEFAULT else f" --dataset {dataset}"
+        raise NormtfError(f"no trained {data.DATASETS[dataset].title} run in {directory} for {', '.join(norms)}; "
+                          f"train first: normtf compare --all{flag} (or normtf train --norm <norm>{flag})")
     return results
 
 
@@ -77,7 +80,7 @@ def curves_title(groups: dict[str, list[TrainResult]]) -> str:
     lr = f"lr {c.lr:g}" if c.schedule == "constant" else f"{c.schedule} lr (peak {c.lr:g})"
     with_l1 = {norm: group[0].config.l1 for norm, group in groups.items() if get_norm(norm).l1}
     l1 = "".join(f", L1 {value:g} ({norm})" for norm, value in with_l1.items())
-    return (f"MNIST, {size} training images, {c.epochs} epochs of batch {c.batch_size}, rotation ±{c.rotation:g}°, "
+    return (f"{data.DATASETS[c.dataset].title}, {size} training images, {c.epochs} epochs of batch {c.batch_size}, rotation ±{c.rotation:g}°, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}\n"
             f"SGD {lr}, momentum {c.momentum:g}, dropout {c.dropout:g}{l1}")
 
@@ -104,7 +107,7 @@ def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir
     finished = [group[0] for group in by_norm([r for r in results if r.metrics.get("status") == "finished"]).values()]
     if not finished:
         return []
-    dataset = mnist.load_mnist(data_dir, warn=warn)
+    dataset = data.load(finished[0].config.dataset, data_dir, warn=warn)
     paths = []
     for result in finished:
         evaluation = evaluate_file(result.run.model, dataset, result.config.test_size)
@@ -115,5 +118,5 @@ def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir
             evaluation.images[wrong], evaluation.labels[wrong], evaluation.predictions[wrong],
             evaluation.probabilities[wrong].max(axis=1), Path(img_dir) / f"misclassified_{c.norm}.png",
             f"{c.norm}, seed {c.seed}: test accuracy {100 * evaluation.accuracy:.2f}%\n"
-            f"{shown} misclassified MNIST test images"))
+            f"{shown} misclassified {dataset.spec.title} test images", dataset.spec.classes))
     return paths

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import functools
 
-from normtf import data as mnist
+from normtf import data
 from normtf import figures
 from normtf.config import TrainConfig
 from normtf.errors import UsageError
@@ -32,7 +32,7 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
     """Train (or reuse) every config under runs_dir/batch-<size>/<norm>/ and write the table to `out`."""
     configs = [preflight(c, Path(runs_dir) / f"batch-{c.batch_size}", force=force)
                for c in sweep_configs(norms, batch_sizes, base, scale_lr)]
-    dataset = functools.cache(lambda: mnist.load_mnist(data_dir, warn=warn))
+    dataset = functools.cache(lambda: data.load(base.dataset, data_dir, warn=warn))
     rows = []
     for config in configs:
         result = train(config, Path(runs_dir) / f"batch-{config.batch_size}", dataset=dataset,
@@ -43,7 +43,7 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
                      "test_accuracy": result.metrics["final_test_accuracy"] if finished else None,
                      "test_error_percent": 100 * (1 - result.metrics["final_test_accuracy"]) if finished else None,
                      "mean_epoch_time": result.metrics.get("mean_epoch_time")})
-    summary = {"lr_scaled": scale_lr, "reference_batch": REFERENCE_BATCH, "seed": base.seed, "rows": rows,
+    summary = {"dataset": base.dataset, "lr_scaled": scale_lr, "reference_batch": REFERENCE_BATCH, "seed": base.seed, "rows": rows,
                "budget": {"epochs": base.epochs, "train_size": base.train_size or len(dataset().y_train),
                           "test_size": base.test_size or len(dataset().y_test)}}
     write_json(Path(out), summary)
@@ -68,7 +68,8 @@ def sweep_title(summary: dict) -> str:
     row, reference = summary["rows"][0], summary["reference_batch"]
     lr = (f"lr proportional to the batch ({row['lr'] * reference / row['batch_size']:g} at {reference})"
           if summary["lr_scaled"] else f"lr {row['lr']:g} at every batch size")
-    return (f"Test error vs batch size on MNIST: {budget['epochs']} epochs of {budget['train_size']:,} images,\n"
+    title = data.DATASETS[summary.get("dataset", data.DEFAULT)].title
+    return (f"Test error vs batch size on {title}: {budget['epochs']} epochs of {budget['train_size']:,} images,\n"
             f"tested on {budget['test_size']:,}, {lr}, seed {summary['seed']}")
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from normtf.config import TrainConfig
-from normtf.data import MEAN, STD, load_mnist
+from normtf.data import load
 from normtf.errors import NormtfError
 from normtf.norms import get_norm
 
@@ -66,7 +66,7 @@ def measure(norm: str, steps: int, warmup: int, repeats: int, gate=lambda: None,
     gate() is called before each window and done() after it."""
     config = TrainConfig(norm=norm)
     torch.manual_seed(config.seed)
-    data = load_mnist()
+    data = load("mnist")
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train.astype(np.int64))
     model = build(norm, config.dropout).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
@@ -78,7 +78,7 @@ def measure(norm: str, steps: int, warmup: int, repeats: int, gate=lambda: None,
 
     def step(idx) -> int:
         images = rotate(x[idx].unsqueeze(1).float() / 255, config.rotation)
-        loss = F.nll_loss(model((images - MEAN) / STD), y[idx])
+        loss = F.nll_loss(model((images - data.mean) / data.std), y[idx])
         if l1:
             loss = loss + l1 * sum(p.abs().sum() for p in model.parameters())
         optimizer.zero_grad()

@@ -1,4 +1,4 @@
-"""Train one variant: seed, build, fit on MNIST, record every epoch, resume after interruption."""
+"""Train one variant: seed, build, fit on a dataset, record every epoch, resume after interruption."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from normtf import data as mnist
+from normtf import data
 from normtf import distribute
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, Interrupted, NormtfError, UsageError
@@ -298,7 +298,7 @@ def preflight(config: TrainConfig, runs_dir: Path | str, per_seed: bool = False,
 
 
 def train(config: TrainConfig, runs_dir: Path | str = "runs",
-          dataset: mnist.Mnist | Callable[[], mnist.Mnist] | None = None, data_dir: Path | None = None,
+          dataset: data.Images | Callable[[], data.Images] | None = None, data_dir: Path | None = None,
           callbacks=(), tensorboard: bool = False, force: bool = False, per_seed: bool = False,
           warn=lambda message: None) -> TrainResult:
     """Train `config.norm` into runs_dir/<norm>/ (per_seed: .../seed-<seed>/), resuming or reusing
@@ -315,21 +315,23 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
         epochs_done = distribute.chief_epochs(strategy, len(history), config.epochs, action == "reuse")
         if action == "reuse":
             return TrainResult(run, config, history, run.read_metrics(), reused=True)
-        data = (dataset() if callable(dataset) else dataset) or mnist.load_mnist(data_dir, warn=warn)
-        for flag, size, available in [("--train-size", config.train_size, len(data.y_train)),
-                                      ("--test-size", config.test_size, len(data.y_test))]:
+        images = (dataset() if callable(dataset) else dataset) or data.load(config.dataset, data_dir, warn=warn)
+        if images.name != config.dataset:
+            raise ValueError(f"a {config.dataset} run was given {images.name} images")  # a bug of the caller
+        for flag, size, available in [("--train-size", config.train_size, len(images.y_train)),
+                                      ("--test-size", config.test_size, len(images.y_test))]:
             if size is not None and size > available:
                 raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
-        train_idx = mnist.stratified_subset(data.y_train, config.train_size)
-        test_idx = mnist.stratified_subset(data.y_test, config.test_size)
+        train_idx = data.stratified_subset(images.y_train, config.train_size)
+        test_idx = data.stratified_subset(images.y_test, config.test_size)
         if config.batch_size > len(train_idx):
             raise UsageError(f"--batch-size {config.batch_size} is more than the {len(train_idx):,} training images")
-        steps = mnist.steps_per_epoch(len(train_idx), config.batch_size)
+        steps = data.steps_per_epoch(len(train_idx), config.batch_size)
         model, device, strategy = prepare(config, steps)
         if action == "fresh":  # only now: a bad setting above leaves the directory as it was
             run.set_aside()
         write_json(run.config, {"config": config.to_dict(), "environment": environment(device, strategy),
-                                "normtf": code_version(), "data": data.provenance(), "train_images": len(train_idx),
+                                "normtf": code_version(), "data": images.provenance(), "train_images": len(train_idx),
                                 "test_images": len(test_idx), "trainable_params": trainable_params(model),
                                 "steps_per_execution": model.steps_per_execution})
         if history:
@@ -341,9 +343,10 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
         distribute.copy_chief_state(strategy, model, epochs_done)
 
         keeper = _EpochKeeper(run, config, history)
-        train_ds = mnist.train_dataset(data.x_train[train_idx], data.y_train[train_idx], config.batch_size,
-                                       config.seed, config.rotation, epochs_done, config.epochs)
-        test_ds = mnist.test_dataset(data.x_test[test_idx], data.y_test[test_idx], EVAL_BATCH)
+        train_ds = data.train_dataset(images.x_train[train_idx], images.y_train[train_idx], config.batch_size,
+                                      config.seed, config.rotation, epochs_done, config.epochs, images.mean, images.std)
+        test_ds = data.test_dataset(images.x_test[test_idx], images.y_test[test_idx], images.mean, images.std,
+                                    EVAL_BATCH)
         extra = [keras.callbacks.TensorBoard(str(run.path / "tensorboard"))] if tensorboard else []
         try:
             with _sigterm_as_interrupt():

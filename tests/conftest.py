@@ -5,13 +5,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from normtf import data as mnist  # noqa: E402
+from normtf import data  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def dataset():
     """Real MNIST (from the cache `normtf data` fills, fetched if missing)."""
-    return mnist.load_mnist()
+    return data.load("mnist")
 
 
 @pytest.fixture(scope="session")
@@ -22,13 +22,13 @@ def mnist_dir(dataset):
 @pytest.fixture(scope="session")
 def test_batch(dataset):
     """32 real test images, normalized as the model sees them."""
-    return mnist.normalized(dataset.x_test[:32])
+    return data.normalized(dataset.x_test[:32], dataset.mean, dataset.std)
 
 
-def copy_mnist(src, dst, names=None):
+def copy_idx(src, dst, names=None):
     """Copy (some of) the four raw IDX files into dst."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in names or mnist.FILES:
+    for name in names or data.IDX_NAMES:
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
 
@@ -37,6 +37,12 @@ def small_idx_dir(dataset, dst, n_train=600, n_test=200):
     """A directory of small, valid IDX files cut from real MNIST (not the standard checksums)."""
     dst.mkdir(parents=True, exist_ok=True)
     arrays = [dataset.x_train[:n_train], dataset.y_train[:n_train], dataset.x_test[:n_test], dataset.y_test[:n_test]]
-    for name, array in zip(mnist.FILES, arrays):
-        (dst / name).write_bytes(mnist.idx_bytes(np.asarray(array)))
+    for name, array in zip(data.IDX_NAMES, arrays):
+        (dst / name).write_bytes(data.idx_bytes(np.asarray(array)))
     return dst
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """Real Fashion-MNIST (from the cache `normtf data --dataset fashion-mnist` fills, fetched if missing)."""
+    return data.load("fashion-mnist")

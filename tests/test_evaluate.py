@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from normtf import data as mnist
+from normtf import data
 from normtf.cli import app
 from normtf.config import TrainConfig
 from normtf.evaluation import as_log_probabilities, evaluate
@@ -54,8 +54,9 @@ def test_logits_and_probabilities_are_turned_into_log_probabilities_and_said(act
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert said in text
-    idx = mnist.stratified_subset(dataset.y_test, 200)
-    outputs = model.predict(mnist.normalized(dataset.x_test[idx]), verbose=0).astype(np.float64)
+    idx = data.stratified_subset(dataset.y_test, 200)
+    images = data.normalized(dataset.x_test[idx], dataset.mean, dataset.std)
+    outputs = model.predict(images, verbose=0).astype(np.float64)
     probabilities = outputs if activation else np.exp(outputs) / np.exp(outputs).sum(axis=1, keepdims=True)
     loss = -np.log(probabilities[np.arange(200), dataset.y_test[idx]]).mean()
     assert f"test loss {loss:.4f}," in text
@@ -65,8 +66,8 @@ def test_log_probabilities_pass_unchanged_and_unremarked(dataset):
     said = []
     model = build_model("group")
     images, labels = dataset.x_test[:300], dataset.y_test[:300]
-    result = evaluate(model, images, labels, warn=said.append)
-    outputs = model.predict(mnist.normalized(images), verbose=0).astype(np.float64)
+    result = evaluate(model, images, labels, (dataset.mean, dataset.std), warn=said.append)
+    outputs = model.predict(data.normalized(images, dataset.mean, dataset.std), verbose=0).astype(np.float64)
     assert not said and result.loss == pytest.approx(-outputs[np.arange(300), labels].mean(), rel=1e-6)
     np.testing.assert_array_equal(as_log_probabilities(outputs), outputs)
 

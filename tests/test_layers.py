@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from normtf import data as mnist
+from normtf import data
 from normtf import layers as ours
 from normtf.config import TrainConfig
 from normtf.models import build_model
@@ -30,7 +30,7 @@ PAIRS = {  # name: (Keras's layer, ours), each made with the given dtype policy
 def activations(dataset):
     """What a norm layer sees in the model: conv + ReLU of 128 real test images, 14 channels."""
     conv = keras.layers.Conv2D(14, 3, use_bias=False, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
-    return tf.nn.relu(conv(mnist.normalized(dataset.x_test[:128])))
+    return tf.nn.relu(conv(data.normalized(dataset.x_test[:128], dataset.mean, dataset.std)))
 
 
 def _run(layer, x, weights, upstream, jit=None):
@@ -82,7 +82,7 @@ def test_batch_norm_matches_float64_at_a_large_batch(jit, dataset):
     mean was 8e-3 standard deviations off. Keras's own float32 layer is as far off. Summed per
     sample first, then over the samples, the statistics are within 7e-6 and the rest 4e-6."""
     conv = keras.layers.Conv2D(14, 3, use_bias=False, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
-    x = tf.nn.relu(conv(mnist.normalized(dataset.x_train[:2000])))
+    x = tf.nn.relu(conv(data.normalized(dataset.x_train[:2000], dataset.mean, dataset.std)))
     rng = np.random.default_rng(0)
     gamma, beta = rng.normal(1, 0.3, 14), rng.normal(0, 0.3, 14)
     upstream = rng.normal(size=x.shape).astype(np.float32)
@@ -271,6 +271,7 @@ def test_every_variant_trains_a_step_under_xla(norm, dataset):
     config = TrainConfig(norm=norm)
     model = compile_model(build_model(norm, config), config, jit=True)
     before = [np.asarray(w) for w in model.trainable_weights]
-    logs = model.train_on_batch(mnist.normalized(dataset.x_train[:64]), dataset.y_train[:64], return_dict=True)
+    images = data.normalized(dataset.x_train[:64], dataset.mean, dataset.std)
+    logs = model.train_on_batch(images, dataset.y_train[:64], return_dict=True)
     assert model.jit_compile and np.isfinite(logs["loss"])
     assert all(not np.array_equal(a, np.asarray(w)) for a, w in zip(before, model.trainable_weights))

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from normtf import data as mnist
+from normtf import data
 from normtf import layers as ours
 from normtf.config import TrainConfig
 from normtf.evaluation import evaluate_file, load_model
@@ -54,7 +54,7 @@ def trained(dataset, tmp_path_factory):
 
 
 def test_every_variant_loads_without_normtf_and_predicts_what_normtf_does(trained, dataset, tmp_path):
-    images = mnist.normalized(dataset.x_test[:200])
+    images = data.normalized(dataset.x_test[:200], dataset.mean, dataset.std)
     np.save(tmp_path / "images.npy", images)
     out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_NORMTF, tmp_path / "images.npy", *trained.values()],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -82,13 +82,14 @@ def test_an_older_file_naming_normtf_layers_still_evaluates_and_converts(dataset
     """A file as normtf wrote it before (model.save of our layers): `evaluate` and `gallery` read
     it; with_keras_classes converts it with the weights file untouched."""
     model = build_model("group")
-    model(mnist.normalized(dataset.x_test[:64]), training=True)
+    model(data.normalized(dataset.x_test[:64], dataset.mean, dataset.std), training=True)
     path = tmp_path / "old.keras"
     model.save(path)
     assert ("normtf.layers", "GroupNormalization", "normtf>GroupNormalization") in _class_entries(path)
     evaluation = evaluate_file(path, dataset, test_size=500)
-    idx = mnist.stratified_subset(dataset.y_test, 500)
-    expected = model.predict(mnist.normalized(dataset.x_test[idx]), verbose=0).argmax(axis=1)
+    idx = data.stratified_subset(dataset.y_test, 500)
+    images = data.normalized(dataset.x_test[idx], dataset.mean, dataset.std)
+    expected = model.predict(images, verbose=0).argmax(axis=1)
     assert (evaluation.predictions == expected).all()
 
     with zipfile.ZipFile(path) as archive:
@@ -107,7 +108,7 @@ def test_an_older_file_naming_normtf_layers_still_evaluates_and_converts(dataset
 def test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset):
     """Saving names Keras's classes; loading in normtf swaps ours back: the same model as trained,
     so `normtf evaluate` reproduces training's counts exactly."""
-    images = mnist.normalized(dataset.x_test[:100])
+    images = data.normalized(dataset.x_test[:100], dataset.mean, dataset.std)
     for norm, path in trained.items():
         plain = keras.saving.load_model(path, compile=False)
         mine = ours.with_our_classes(plain)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from normtf import data as mnist
+from normtf import data
 from normtf.config import TrainConfig, recipe
 from normtf.evaluation import evaluate_file
 from normtf.norms import relevant
@@ -62,7 +62,8 @@ def test_committed_model_re_evaluates_to_its_metrics(norm, dataset):
 def test_committed_configs_name_their_data_by_checksum_not_by_path():
     for path in (ROOT / "results").rglob("config.json"):
         stored = json.loads(path.read_text())
-        assert stored["data"] == {"origin": "cache", "sha256": mnist.FILES}, path
+        assert stored["data"] == {"dataset": "mnist", "origin": "cache", "sha256": data.DATASETS["mnist"].files,
+                                  "normalization": {"mean": 0.1307, "std": 0.3081}}, path
 
 
 def test_readme_figures_exist():

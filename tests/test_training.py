@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import normtf
-from normtf import data as mnist
+from normtf import data
 from normtf import study
 from normtf.config import TrainConfig
 from normtf.errors import Interrupted, NormtfError, UsageError
@@ -47,7 +47,8 @@ def test_a_run_records_config_history_metrics_and_model(trained, dataset):
     # Provenance: which normtf, and exactly which data bytes, never a path on this machine.
     assert stored["normtf"]["version"] == normtf.__version__ and len(stored["normtf"]["commit"]) == 40
     assert isinstance(stored["normtf"]["uncommitted_changes"], bool)
-    assert stored["data"] == {"origin": "cache", "sha256": mnist.FILES}
+    assert stored["data"] == {"dataset": "mnist", "origin": "cache", "sha256": data.DATASETS["mnist"].files,
+                              "normalization": {"mean": 0.1307, "std": 0.3081}}
     assert str(Path.home()) not in run.config.read_text() and "/tmp" not in run.config.read_text()
     csv_lines = run.history_csv.read_text().splitlines()
     assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 3

@@ -13,7 +13,7 @@ import json
 import keras
 import numpy as np
 
-from normtf import data as mnist
+from normtf import data
 from normtf.config import TrainConfig
 from normtf.models import norm_layers
 
@@ -30,9 +30,10 @@ def plain_model(strategy):
 
 def first_batch():
     """The first training batch of a 128-image run (seed 42), as normtf's pipeline makes it."""
-    dataset = mnist.load_mnist()
-    idx = mnist.stratified_subset(dataset.y_train, 128)
-    return mnist.train_dataset(dataset.x_train[idx], dataset.y_train[idx], 128, 42, 8.0, 0, 1)
+    dataset = data.load("mnist")
+    idx = data.stratified_subset(dataset.y_train, 128)
+    return data.train_dataset(dataset.x_train[idx], dataset.y_train[idx], 128, 42, 8.0, 0, 1,
+                              dataset.mean, dataset.std)
 
 
 def moving_statistics(model):
@@ -50,14 +51,14 @@ if __name__ == "__main__":
     from normtf.distribute import work_around_keras
 
     x = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype("float32")
-    data = tf.data.Dataset.from_tensor_slices((x, np.arange(64) % 10)).batch(16)
+    batches = tf.data.Dataset.from_tensor_slices((x, np.arange(64) % 10)).batch(16)
     found = {}
     try:
-        plain_model(strategy).fit(data, epochs=1, verbose=0)
+        plain_model(strategy).fit(batches, epochs=1, verbose=0)
         found["keras_alone"] = "trained"
     except ValueError as e:
         found["keras_alone"] = str(e).strip().splitlines()[-1]
-    found["with_workaround"] = work_around_keras(plain_model(strategy)).fit(data, epochs=2, verbose=0).history["loss"]
+    found["with_workaround"] = work_around_keras(plain_model(strategy)).fit(batches, epochs=2, verbose=0).history["loss"]
 
     model, _, _ = prepare(SYNC_BN)  # normtf's workaround included
     model.fit(first_batch(), epochs=1, steps_per_epoch=1, verbose=0)
