@@ -228,11 +228,15 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
           test_size: TestSize = None, lr: Lr = DEFAULTS.lr,
           scale_lr: Annotated[bool, typer.Option(
               help=f"Scale the learning rate linearly with the batch size (--lr at batch {DEFAULTS.batch_size}).")] = True,
-          seed: Seed = DEFAULTS.seed, groups: Groups = DEFAULTS.groups, runs_dir: RunsDir = Path("runs/sweep"),
+          seed: Seed = DEFAULTS.seed, seeds: Annotated[str, typer.Option(
+              help="Seeds of every point, one run each under <runs-dir>/batch-<size>/<norm>/seed-<s>/: a count (3: "
+                   "--seed and the next two) or a list (42,43,44).")] = str(defaults.SWEEP_SEEDS),
+          groups: Groups = DEFAULTS.groups, runs_dir: RunsDir = Path("runs/sweep"),
           out: Annotated[Optional[Path], typer.Option(
               help="The sweep's table as JSON. Default: results/sweep.json (results/<dataset>/sweep.json).")] = None,
           img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
-    """Test error against batch size. Each variant at each batch size, on the same budget of images."""
+    """Test error against batch size. Each variant at each batch size and seed, on the same budget of images;
+    batch norm also with precise statistics (each layer's mean and variance recomputed over the training images)."""
     from normtf import sweep as sweeps
     from normtf.console import console, sweep_table, warn
     from normtf.progress import EpochProgress
@@ -242,11 +246,11 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
     img_dir = _writable(dataset_dir(img_dir, dataset))
     out = out or dataset_dir("results", dataset) / "sweep.json"
     summary = sweeps.run_sweep(norms, sizes, _config(ctx, locals(), norm=norms[0]), scale_lr, runs_dir, out,
-                               callbacks_for=lambda c: [EpochProgress(f"{c.norm} at batch size {c.batch_size}")],
-                               force=force, data_dir=data_dir, warn=warn)
+                               parse_seeds(seeds, seed), force=force, data_dir=data_dir, warn=warn,
+                               callbacks_for=lambda c: [EpochProgress(f"{c.norm} at batch size {c.batch_size}, seed {c.seed}")])
     console.print(sweep_table(summary))
     console.print(f"wrote {out} and {sweeps.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
-    failed = [f"{row['norm']} at batch size {row['batch_size']}"
+    failed = [f"{row['norm']} at batch size {row['batch_size']}, seed {row['seed']}"
               for row in summary["rows"] if row["status"] != "finished"]
     if failed:
         raise RunFailed(f"{len(failed)} of {len(summary['rows'])} runs failed (non-finite loss): {', '.join(failed)}")
@@ -273,7 +277,11 @@ def evaluate(path: Annotated[Path, typer.Argument(
              dataset: Annotated[Optional[Literal[tuple(DATASETS)]], typer.Option(
                  help="The test set: " + ", ".join(DATASETS) + ". Default: the one the run's config.json names, "
                       "else mnist.")] = None,
-             test_size: TestSize = None, data_dir: DataDir = None):
+             test_size: TestSize = None, precise_bn: Annotated[bool, typer.Option(
+                 "--precise-bn", help="Also with precise batch-norm statistics: each batch-norm layer's mean and "
+                                      "variance recomputed over the run's training images, weights frozen "
+                                      "(PreciseBN), instead of the moving averages of training.")] = False,
+             data_dir: DataDir = None):
     """Measure a saved model on the test set. It is loaded safely: no code in the file is run."""
     from normtf import data as datasets
     from normtf.console import confusion_table, console, warn
@@ -282,10 +290,14 @@ def evaluate(path: Annotated[Path, typer.Argument(
     recorded = trained_on(path)
     if dataset and recorded and dataset != recorded:
         warn(f"{path} was trained on {DATASETS[recorded].title}; evaluating it on {DATASETS[dataset].title} as you asked")
-    result = evaluate_file(path, datasets.load(dataset or recorded or datasets.DEFAULT, data_dir, warn=warn), test_size,
-                           warn=warn)
+    images = datasets.load(dataset or recorded or datasets.DEFAULT, data_dir, warn=warn)
+    result = evaluate_file(path, images, test_size, warn=warn)
     console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
                   f"({result.correct:,} of {result.total:,} correct)")
+    if precise_bn:
+        precise = evaluate_file(path, images, test_size, precise_bn=True, warn=warn)
+        console.print(f"with precise batch-norm statistics: test loss {precise.loss:.4f}, accuracy "
+                      f"{100 * precise.accuracy:.2f}% ({precise.correct:,} of {precise.total:,} correct)")
     console.print(confusion_table(result))
 
 

@@ -58,19 +58,43 @@ def _spread(values: list[float], percent: bool = False) -> str:
 
 
 def sweep_table(summary: dict) -> Table:
-    """Test error (%) with batch sizes down and variants across."""
-    norms = list(dict.fromkeys(row["norm"] for row in summary["rows"]))
+    """Test error (%) with batch sizes down and variants across (normtf.sweep's JSON). A cell is the
+    mean ± sample std over the seeds, and under it each seed's error, in the seeds' order; beside
+    a batch-norm variant measured with precise statistics, a column of those."""
+    key, precise = "test_error_percent", "test_error_percent_precise_bn"
+    points = {(p["norm"], p["batch_size"]): p for p in summary["summary"]}
+    norms = list(dict.fromkeys(p["norm"] for p in summary["summary"]))
+    columns = [(norm, measure) for norm in norms for measure in (key, precise)
+               if measure == key or any(p[precise] for p in summary["summary"] if p["norm"] == norm)]
+    seeds = summary["seeds"]
+    notes = []
+    if len(seeds) > 1:
+        notes.append("mean ± sample std over the seeds; under it, each seed's error in order")
+    if any(measure == precise for _, measure in columns):
+        notes.append("precise BN: batch-norm statistics recomputed over the training images")
     epochs = summary["budget"]["epochs"]
     table = Table(title=f"Test error (%) after {epochs} epoch{'s' if epochs != 1 else ''} of "
-                        f"{summary['budget']['train_size']:,} images")
+                        f"{summary['budget']['train_size']:,} images, seed{'s' if len(seeds) > 1 else ''} "
+                        f"{', '.join(map(str, seeds))}",
+                  caption="; ".join(notes) or None, show_lines=len(seeds) > 1)
     table.add_column("batch size", justify="right")
-    for norm in norms:
-        table.add_column(norm, justify="right")
-    errors = {(row["norm"], row["batch_size"]): row for row in summary["rows"]}
-    for size in sorted({row["batch_size"] for row in summary["rows"]}):
-        cells = [errors.get((norm, size)) for norm in norms]
-        table.add_row(str(size), *["-" if c is None else "failed" if c["status"] != "finished"
-                                   else f"{c['test_error_percent']:.2f}" for c in cells])
+    for norm, measure in columns:
+        table.add_column(f"{norm}\nprecise BN" if measure == precise else norm, justify="right")
+    rows = {(r["norm"], r["batch_size"], r["seed"]): r for r in summary["rows"]}
+    for size in sorted({p["batch_size"] for p in summary["summary"]}):
+        cells = []
+        for norm, measure in columns:
+            point = points.get((norm, size))
+            runs = [rows.get((norm, size, seed)) for seed in seeds]
+            each = " ".join("-" if r is None else "failed" if r["status"] != "finished" else f"{r[measure]:.2f}"
+                            for r in runs)
+            stats = point and point[measure]
+            if not stats:
+                cells.append("-" if point is None else each)
+                continue
+            mean = f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")
+            cells.append(mean + (f"\n[dim]{each}[/]" if len(seeds) > 1 else ""))
+        table.add_row(str(size), *cells)
     return table
 
 

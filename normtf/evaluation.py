@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from normtf import data
+from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError
 from normtf.layers import with_our_classes  # importing normtf.layers also lets older files that name them load
+from normtf.precise_bn import precise_statistics
 from normtf.runs import RunDir
 
 INPUT_SHAPE = (28, 28, 1)
@@ -137,20 +139,42 @@ def as_log_probabilities(outputs: np.ndarray, warn=lambda message: None, toleran
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def run_config(path: Path) -> TrainConfig | None:
+    """The config of the run this model file or run directory belongs to, None if it is in none."""
+    run = RunDir(path if Path(path).is_dir() else Path(path).parent)
+    try:
+        return run.stored_config()
+    except (CorruptFile, KeyError, TypeError):
+        return None
+
+
 def trained_on(path: Path) -> str | None:
     """The dataset a run's config.json names for this model file or run directory (MNIST for runs
     made before there was a choice), or None when the model is not in a run directory."""
-    run = RunDir(path if Path(path).is_dir() else Path(path).parent)
-    try:
-        stored = run.stored_config()
-    except (CorruptFile, KeyError, TypeError):
-        return None
-    return stored.dataset if stored else None
+    config = run_config(path)
+    return config.dataset if config else None
+
+
+def use_precise_statistics(model, config: TrainConfig, dataset: data.Images) -> int:
+    """Give the model's batch-norm layers precise statistics (normtf.precise_bn) from the images
+    its run trained on, at its batch size; the number of layers changed (0: no batch norm)."""
+    idx = data.stratified_subset(dataset.y_train, config.train_size)
+    return precise_statistics(model, data.normalized(dataset.x_train[idx], dataset.mean, dataset.std),
+                              config.batch_size, seed=config.seed)
 
 
 def evaluate_file(path: Path, dataset: data.Images, test_size: int | None = None,
-                  warn=lambda message: None) -> Evaluation:
+                  warn=lambda message: None, precise_bn: bool = False) -> Evaluation:
+    """The model at `path` on the test set; precise_bn: with its batch-norm statistics recomputed
+    over the training images of its run (which config.json names), instead of the moving averages."""
     model = load_model(path)
+    if precise_bn:
+        config = run_config(path)
+        if config is None:
+            raise NormtfError(f"--precise-bn needs the run's config.json beside {path} (its batch size and "
+                              "training images); evaluate a model inside its run directory")
+        if use_precise_statistics(model, config, dataset) == 0:
+            warn(f"{path} has no batch-norm layer: precise statistics change nothing")
     idx = data.stratified_subset(dataset.y_test, test_size)
     result = evaluate(model, dataset.x_test[idx], dataset.y_test[idx], (dataset.mean, dataset.std), warn=warn)
     result.classes = dataset.spec.classes

@@ -153,16 +153,23 @@ def plot_misclassified(images, labels, predictions, confidences, path: Path, tit
     return save(misclassified_figure(images, labels, predictions, confidences, title, columns, classes), path)
 
 
-def sweep_figure(lines: dict[str, dict], title: str) -> Figure:
+def sweep_figure(lines: dict[str, dict], title: str, legend_title: str | None = None) -> Figure:
     """Test error against batch size (log2 axis), one line per variant, as in Wu & He's figure 1.
 
-    `lines` maps a norm name to {"label", "color", "batch_sizes": [...], "errors": [percent, ...]}.
+    `lines` maps a name to {"label", "color", "batch_sizes": [...], "errors": [percent, ...]}, and
+    optionally "low" and "high" (a band, e.g. the lowest and highest seed) and "dashed" (a second
+    measurement of a variant, drawn in its color with open markers).
     """
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     ax = figure.subplots()
     for line in lines.values():
+        dashed = line.get("dashed", False)
         ax.plot(line["batch_sizes"], line["errors"], marker="o", linewidth=1.8, color=line["color"],
+                linestyle="--" if dashed else "-", markerfacecolor="white" if dashed else line["color"],
                 label=line["label"])
+        if line.get("low") is not None:
+            ax.fill_between(line["batch_sizes"], line["low"], line["high"], color=line["color"], alpha=0.2,
+                            linewidth=0)
     ax.set_xscale("log", base=2)
     sizes = sorted({size for line in lines.values() for size in line["batch_sizes"]})
     ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -173,10 +180,11 @@ def sweep_figure(lines: dict[str, dict], title: str) -> Figure:
     ax.tick_params(labelsize=10.5)
     ax.grid(alpha=0.3, which="both")
     if lines:  # none when every run of the sweep failed
-        figure.legend(loc="outside right upper", fontsize=11, frameon=False)
+        figure.legend(loc="outside lower center", ncols=min(len(lines), 3), fontsize=11,
+                      frameon=False, title=legend_title, title_fontsize=11)
     ax.set_title(title, fontsize=11)
     return figure
 
 
-def plot_sweep(lines: dict[str, dict], path: Path, title: str) -> Path:
-    return save(sweep_figure(lines, title), path)
+def plot_sweep(lines: dict[str, dict], path: Path, title: str, legend_title: str | None = None) -> Path:
+    return save(sweep_figure(lines, title, legend_title), path)

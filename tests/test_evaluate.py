@@ -88,3 +88,33 @@ def test_a_seeds_parent_directory_lists_its_runs(tmp_path):
     (parent / "seed-42" / "metrics.json").write_text(json.dumps({"status": "finished"}))
     text = _one_line_error(run("evaluate", parent))
     assert "seed-42/, seed-43/, seed-100/" in text and f"normtf evaluate {parent / 'seed-42'}" in text
+
+
+def test_precise_bn_recomputes_batch_norm_statistics_of_a_committed_run(tmp_path):
+    """--precise-bn: the run's own training images at its batch size give every batch-norm layer
+    new statistics (the accuracy moves); a model without batch norm is unchanged and says so; a
+    file outside a run directory has no training recipe to follow."""
+    from pathlib import Path
+
+    from normtf.evaluation import evaluate_file, load_model, run_config, use_precise_statistics
+
+    run_dir = Path(__file__).parent.parent / "results" / "reference" / "batch-l1" / "seed-43"
+    result = run("evaluate", run_dir, "--precise-bn", "--test-size", "2000")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "with precise batch-norm statistics: test loss" in text, text
+
+    images = data.load("mnist")
+    model, config = load_model(run_dir), run_config(run_dir)
+    before = [keras.ops.convert_to_numpy(layer.moving_variance) for layer in model.layers if "norm" in layer.name]
+    assert config.batch_size == 128 and use_precise_statistics(model, config.replace(train_size=5000), images) == 6
+    after = [keras.ops.convert_to_numpy(layer.moving_variance) for layer in model.layers if "norm" in layer.name]
+    assert all(not np.allclose(a, b, rtol=1e-3) for a, b in zip(before, after))
+
+    said = []
+    group = Path(__file__).parent.parent / "results" / "reference" / "group" / "seed-43"
+    plain, precise = evaluate_file(group, images, 500), evaluate_file(group, images, 500, said.append, precise_bn=True)
+    assert plain.correct == precise.correct and "no batch-norm layer" in said[0]
+
+    (tmp_path / "model.keras").write_bytes((run_dir / "model.keras").read_bytes())
+    result = run("evaluate", tmp_path / "model.keras", "--precise-bn")
+    assert result.exit_code == 1 and "needs the run's config.json" in " ".join(result.output.split())
