@@ -231,7 +231,8 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
           seed: Seed = DEFAULTS.seed, seeds: Annotated[str, typer.Option(
               help="Seeds of every point, one run each under <runs-dir>/batch-<size>/<norm>/seed-<s>/: a count (3: "
                    "--seed and the next two) or a list (42,43,44).")] = str(defaults.SWEEP_SEEDS),
-          groups: Groups = DEFAULTS.groups, runs_dir: RunsDir = Path("runs/sweep"),
+          groups: Groups = DEFAULTS.groups, steps_per_execution: StepsPerExecution = None,
+          runs_dir: RunsDir = Path("runs/sweep"),
           out: Annotated[Optional[Path], typer.Option(
               help="The sweep's table as JSON. Default: results/sweep.json (results/<dataset>/sweep.json).")] = None,
           img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):

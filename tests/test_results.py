@@ -12,12 +12,12 @@ import pytest
 from normtf import data
 from normtf.config import TrainConfig, recipe
 from normtf.evaluation import evaluate_file
-from normtf.norms import relevant
-from normtf.runs import RunDir
+from normtf.norms import NORMS, relevant
+from normtf.runs import RunDir, dataset_dir
 
 ROOT = Path(__file__).parent.parent
 REFERENCE = ROOT / "results" / "reference"
-RUNS = sorted(p.name for p in REFERENCE.iterdir()) if REFERENCE.is_dir() else []
+RUNS = sorted(p.name for p in REFERENCE.iterdir() if p.name in NORMS) if REFERENCE.is_dir() else []
 SEED = "seed-42"  # the reproduction table's runs; more seeds sit beside them
 
 
@@ -59,11 +59,17 @@ def test_committed_model_re_evaluates_to_its_metrics(norm, dataset):
     assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
 
 
+NORMALIZATION = {"mnist": {"mean": 0.1307, "std": 0.3081}, "fashion-mnist": {"mean": 0.286, "std": 0.353}}
+
+
 def test_committed_configs_name_their_data_by_checksum_not_by_path():
     for path in (ROOT / "results").rglob("config.json"):
         stored = json.loads(path.read_text())
-        assert stored["data"] == {"dataset": "mnist", "origin": "cache", "sha256": data.DATASETS["mnist"].files,
-                                  "normalization": {"mean": 0.1307, "std": 0.3081}}, path
+        name = "fashion-mnist" if "fashion-mnist" in path.parts else "mnist"
+        assert stored["data"]["origin"] in ("cache", "Debian package dataset-fashion-mnist"), path
+        assert stored["data"] == {"dataset": name, "origin": stored["data"]["origin"],
+                                  "sha256": data.DATASETS[name].files, "normalization": NORMALIZATION[name]}, path
+        assert stored["config"].get("dataset", "mnist") == name, path
 
 
 def test_readme_figures_exist():
@@ -77,26 +83,31 @@ SEED_PAGES = ["README.md", "docs/results.md"]
 
 
 def seed_rows():
-    """[(variant, recipe, cells)] of the several-seed tables (the README's headline and those in
+    """[(variant, recipe, dataset, cells)] of the several-seed tables (the README's and those in
     docs/results.md, each copy checked): variant, recipe, params, seeds, final test accuracy
-    mean ± std, each seed's final accuracy, mean best accuracy."""
+    mean ± std, each seed's final accuracy, mean best accuracy. A table is of Fashion-MNIST when
+    the last heading above it names Fashion-MNIST, else of MNIST."""
     rows = []
-    for line in "\n".join((ROOT / page).read_text() for page in SEED_PAGES).splitlines():
-        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[1] in RECIPE_DIRS:
-            rows.append((cells[0].strip("`"), cells[1], cells))
+    for page in SEED_PAGES:
+        dataset = "mnist"
+        for line in (ROOT / page).read_text().splitlines():
+            if line.startswith("#"):
+                dataset = "fashion-mnist" if "Fashion-MNIST" in line else "mnist"
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            if len(cells) == 7 and cells[1] in RECIPE_DIRS:
+                rows.append((cells[0].strip("`"), cells[1], dataset, cells))
     return rows
 
 
 def test_the_readme_has_the_several_seed_tables():
-    recipes = {recipe for _, recipe, _ in seed_rows()}
+    recipes = {recipe for _, recipe, _, _ in seed_rows()}
     assert recipes == {"reference", "tuned"}
 
 
-@pytest.mark.parametrize("norm,recipe,cells", seed_rows(), ids=lambda v: v if isinstance(v, str) else "")
-def test_several_seed_numbers_are_the_committed_ones(norm, recipe, cells):
+@pytest.mark.parametrize("norm,recipe,dataset,cells", seed_rows(), ids=lambda v: v if isinstance(v, str) else "")
+def test_several_seed_numbers_are_the_committed_ones(norm, recipe, dataset, cells):
     seeds = [int(s) for s in cells[3].split(",")]
-    metrics = [RunDir(RECIPE_DIRS[recipe] / norm / f"seed-{s}").read_metrics() for s in seeds]
+    metrics = [RunDir(dataset_dir(RECIPE_DIRS[recipe], dataset) / norm / f"seed-{s}").read_metrics() for s in seeds]
     assert all(m["status"] == "finished" for m in metrics)
     finals = [100 * m["final_test_accuracy"] for m in metrics]
     spread = f" ± {statistics.stdev(finals):.2f}" if len(finals) > 1 else ""
@@ -163,3 +174,21 @@ def test_readme_table_of_three_benchmark_runs_is_the_committed_runs():
         assert cells[1:] == [f"{v['ratio']:.2f}" for v in variants] + [
             f"{statistics.median(pairs):.2f}", f"{min(pairs):.2f}–{max(pairs):.2f}",
             f"{min(evals):.2f}–{max(evals):.2f}"]
+
+
+FASHION = sorted(path for directory in RECIPE_DIRS.values() for path in directory.glob("fashion-mnist/*/seed-*"))
+
+
+@pytest.mark.parametrize("path", FASHION, ids=lambda p: f"{p.parents[2].name}/{p.parent.name}/{p.name}")
+def test_fashion_runs_are_their_recipe_on_full_fashion_mnist_and_re_evaluate(path, fashion):
+    run = RunDir(path)
+    stored = json.loads(run.config.read_text())
+    name = path.parents[2].name  # reference or tuned
+    expected = relevant(recipe(name).replace(norm=path.parent.name, seed=int(path.name[5:]), dataset="fashion-mnist"))
+    assert TrainConfig.from_dict(stored["config"]) == expected
+    assert stored["train_images"] == 60000 and stored["test_images"] == 10000
+    metrics = run.read_metrics()
+    assert metrics["status"] == "finished"
+    evaluation = evaluate_file(run.model, fashion)
+    assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)
+    assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
