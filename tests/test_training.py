@@ -163,7 +163,7 @@ def test_corrupt_metrics_are_reported_and_the_run_is_not_shown(dataset, tmp_path
     run.metrics.write_text('{"status": "fini')
     warnings = []
     assert study.load_result(run, warnings.append) is None and "truncated or corrupt" in warnings[0]
-    with pytest.raises(NormtfError, match="no trained run"):
+    with pytest.raises(NormtfError, match="no trained MNIST run"):
         study.stored_results(["layer-c"], tmp_path)
     result = train(config, tmp_path, dataset=dataset, warn=warnings.append)
     assert "truncated or corrupt" in warnings[-1] and result.metrics["status"] == "finished" and not result.reused
