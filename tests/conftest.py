@@ -8,6 +8,19 @@ import pytest  # noqa: E402
 from normtf import data  # noqa: E402
 
 
+# Files that train models, longest first: pytest-xdist hands out whole files (--dist loadfile) in
+# collection order, so starting with the long ones keeps both workers busy to the end (longest
+# first), instead of one training file running alone after the other worker has finished.
+LONGEST_FIRST = ["test_training.py", "test_cli.py", "test_distributed.py", "test_gpu_config.py", "test_interrupt.py",
+                 "test_model_files.py", "test_sweep.py", "test_tensorboard.py", "test_fashion.py", "test_results.py",
+                 "test_evaluate.py", "test_bad_values.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+
+
 @pytest.fixture(scope="session")
 def dataset():
     """Real MNIST (from the cache `normtf data` fills, fetched if missing)."""
