@@ -56,3 +56,29 @@ def test_an_unknown_dataset_exits_2_and_lists_the_names():
         result = run(*args)
         assert result.exit_code == 2, (command, result.output)
         assert "'mnist', 'fashion-mnist'" in " ".join(result.output.split()), command
+
+
+def test_data_sweep_and_explain_take_the_dataset(tmp_path, monkeypatch, dataset, fashion):
+    result = run("data", "--dataset", "fashion-mnist")
+    assert result.exit_code == 0 and "Fashion-MNIST is in" in result.output and "mean 0.286, std 0.353" in result.output
+
+    result = run("explain", "--dataset", "fashion-mnist", "--norm", "batch", "--batch-size", "8")
+    assert result.exit_code == 0 and "batch: a batch of 8 test images" in result.output
+
+    monkeypatch.chdir(tmp_path)  # the sweep's JSON goes to results/<dataset>/sweep.json under the working directory
+    result = run("sweep", "--dataset", "fashion-mnist", "--norm", "group", "--batch-sizes", "64", "--seeds", "1",
+                 "--epochs", "1", "--train-size", "512", "--test-size", "500", "--runs-dir", "runs")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "results" / "fashion-mnist" / "sweep.json").read_text())
+    assert summary["dataset"] == "fashion-mnist" and [r["norm"] for r in summary["rows"]] == ["group"]
+    assert (tmp_path / "img" / "fashion-mnist" / "batch_size_sweep.png").is_file()
+    assert (tmp_path / "runs" / "batch-64" / "fashion-mnist" / "group" / "seed-42" / "model.keras").is_file()
+    assert not (tmp_path / "results" / "sweep.json").exists()
+
+
+def test_mnist_files_given_for_fashion_mnist_are_named_in_a_warning(tmp_path, mnist_dir):
+    result = run("train", "--norm", "group", "--dataset", "fashion-mnist", "--data-dir", mnist_dir, *TINY,
+                 "--runs-dir", tmp_path)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"{mnist_dir} holds MNIST files, not Fashion-MNIST" in text
+    assert "for MNIST use --dataset mnist" in text
