@@ -192,3 +192,28 @@ def test_fashion_runs_are_their_recipe_on_full_fashion_mnist_and_re_evaluate(pat
     evaluation = evaluate_file(run.model, fashion)
     assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)
     assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
+
+
+def test_the_batch_norm_sweep_table_is_the_committed_sweep():
+    """docs/results.md's table of batch norm's test error with moving averages and with precise
+    statistics, row by row, against results/sweep-batch-norm.json."""
+    sweep = json.loads((ROOT / "results" / "sweep-batch-norm.json").read_text())
+    fmt = lambda stats: f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")  # noqa: E731
+    runs = {(r["batch_size"], r["seed"]): r for r in sweep["rows"] if r["norm"] == "batch"}
+    expected = {}
+    for point in (p for p in sweep["summary"] if p["norm"] == "batch"):
+        each = {key: ", ".join(f"{runs[(point['batch_size'], s)][key]:.2f}" for s in point["seeds"])
+                for key in ("test_error_percent", "test_error_percent_precise_bn")}
+        expected[str(point["batch_size"])] = [
+            str(point["batch_size"]), f"{point['lr']:g}", fmt(point["test_error_percent"]), each["test_error_percent"],
+            fmt(point["test_error_percent_precise_bn"]), each["test_error_percent_precise_bn"]]
+    found, inside = {}, False
+    for line in (ROOT / "docs" / "results.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:2] == ["batch size", "lr"] and "precise statistics" in line:
+            inside = True
+        elif inside and line.startswith("|") and not cells[0].startswith("---"):
+            found[cells[0]] = cells
+        elif inside and not line.startswith("|"):
+            break
+    assert sweep["seeds"] == [42, 43, 44] and found == expected
