@@ -213,7 +213,10 @@ def test_a_killed_worker_ends_the_other_with_one_line_and_both_resume(tmp_path, 
     assert "Traceback" not in errors[0]
     ours = [line for line in errors[0].splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and ours[0] == errors[0].strip().splitlines()[-1], errors[0][-2000:]
-    assert "worker 1 stopped" in ours[0] and "resume" in ours[0], ours[0]
+    # Which line depends on what reaches the chief first: the coordination service's missed
+    # heartbeats (they name the worker) or the dead peer's closed connection (reset by peer).
+    assert ("worker 1 stopped" in ours[0] or "lost contact with the other workers" in ours[0]), ours[0]
+    assert "start every worker again to resume" in ours[0], ours[0]
     assert [r["epoch"] for r in json.loads(history.read_text())] == [1]
 
     codes, errors = finish(start_workers(command, tmp_path, "resumed"), tmp_path, "resumed")
