@@ -320,7 +320,7 @@ def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(
                          f"(got {batch_size:,})")
     for name in [n.value for n in norm] if norm else list(NORMS):
         reports = explain_test_batch(TrainConfig(norm=name, groups=groups).validate(), images, batch_size)
-        console.print(explain_table(name, batch_size, reports))
+        console.print(explain_table(name, batch_size, reports, images.spec.title))
 
 
 @app.command()

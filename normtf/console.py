@@ -111,8 +111,8 @@ def confusion_table(evaluation) -> Table:
     return table
 
 
-def explain_table(norm: str, batch_size: int, reports) -> Table:
-    table = Table(title=f"{norm}: a batch of {batch_size} test images through a freshly built model")
+def explain_table(norm: str, batch_size: int, reports, dataset: str = "MNIST") -> Table:
+    table = Table(title=f"{norm}: a batch of {batch_size} {dataset} test images through a freshly built model")
     for column in ["layer", "input (N,H,W,C)", "normalizes over", "means = variances", "trainable",
                    "non-trainable", "differs at test time"]:
         table.add_column(column)

@@ -110,14 +110,17 @@ def _check_shapes(model, path: Path) -> None:
 
 
 def evaluate(model, images: np.ndarray, labels: np.ndarray, normalization: tuple[float, float],
-             batch_size: int = 1000, warn=lambda message: None) -> Evaluation:
-    """The model on these uint8 images, normalized with (mean, std) as in training."""
+             batch_size: int = 1000, warn=lambda message: None,
+             classes: tuple[str, ...] = Evaluation.classes) -> Evaluation:
+    """The model on these uint8 images, normalized with (mean, std) as in training; `classes` names
+    the labels (the dataset's class names) for tables and galleries."""
     outputs = model.predict(data.test_dataset(images, labels, *normalization, batch_size).map(lambda x, y: x),
                             verbose=0)
     log_probs = as_log_probabilities(outputs.astype(np.float64), warn)
     correct = int((log_probs.argmax(axis=1) == labels).sum())
     loss = float(-log_probs[np.arange(len(labels)), labels].mean())
-    return Evaluation(loss, correct / len(labels), correct, len(labels), np.exp(log_probs), labels.astype(int), images)
+    return Evaluation(loss, correct / len(labels), correct, len(labels), np.exp(log_probs), labels.astype(int), images,
+                      classes)
 
 
 def as_log_probabilities(outputs: np.ndarray, warn=lambda message: None, tolerance: float = 1e-3) -> np.ndarray:
@@ -176,6 +179,5 @@ def evaluate_file(path: Path, dataset: data.Images, test_size: int | None = None
         if use_precise_statistics(model, config, dataset) == 0:
             warn(f"{path} has no batch-norm layer: precise statistics change nothing")
     idx = data.stratified_subset(dataset.y_test, test_size)
-    result = evaluate(model, dataset.x_test[idx], dataset.y_test[idx], (dataset.mean, dataset.std), warn=warn)
-    result.classes = dataset.spec.classes
-    return result
+    return evaluate(model, dataset.x_test[idx], dataset.y_test[idx], (dataset.mean, dataset.std), warn=warn,
+                    classes=dataset.spec.classes)

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 
 import numpy as np
@@ -196,3 +197,26 @@ def test_unknown_dataset_is_a_usage_error():
 
     with pytest.raises(UsageError, match="choose one of: mnist, fashion-mnist"):
         data.load("cifar10")
+
+
+def test_fashion_mnist_keras_download_fills_the_cache(fashion, tmp_path, monkeypatch):
+    """The third source, as a user without the files meets it: keras.datasets.fashion_mnist's
+    loader, its four .gz files already in Keras's download cache (this machine has no route to
+    Keras's host, and Keras reuses a file it finds there instead of downloading it). normtf
+    re-encodes what the loader returns into the four raw IDX files, and they have the table's
+    checksums."""
+    import keras.src.backend.config as keras_config
+
+    downloads = tmp_path / "keras" / "datasets" / "fashion-mnist"
+    downloads.mkdir(parents=True)
+    for name in data.IDX_NAMES:
+        (downloads / f"{name}.gz").write_bytes(gzip.compress((fashion.source / name).read_bytes()))
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras"))
+    spec = data.DATASETS["fashion-mnist"]
+    monkeypatch.setitem(data.DATASETS, "fashion-mnist",
+                        dataclasses.replace(spec, offline=lambda: pytest.fail("the offline source was asked")))
+    messages = []
+    loaded = data.load("fashion-mnist", cache_dir=tmp_path / "cache", warn=messages.append)
+    assert loaded.origin == "Keras download (keras.datasets.fashion_mnist)", messages
+    assert loaded.checksums == spec.files
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(data.IDX_NAMES)

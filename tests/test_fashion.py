@@ -63,7 +63,7 @@ def test_data_sweep_and_explain_take_the_dataset(tmp_path, monkeypatch, dataset,
     assert result.exit_code == 0 and "Fashion-MNIST is in" in result.output and "mean 0.286, std 0.353" in result.output
 
     result = run("explain", "--dataset", "fashion-mnist", "--norm", "batch", "--batch-size", "8")
-    assert result.exit_code == 0 and "batch: a batch of 8 test images" in result.output
+    assert result.exit_code == 0 and "batch: a batch of 8 Fashion-MNIST test images" in " ".join(result.output.split())
 
     monkeypatch.chdir(tmp_path)  # the sweep's JSON goes to results/<dataset>/sweep.json under the working directory
     result = run("sweep", "--dataset", "fashion-mnist", "--norm", "group", "--batch-sizes", "64", "--seeds", "1",

@@ -194,19 +194,24 @@ def test_fashion_runs_are_their_recipe_on_full_fashion_mnist_and_re_evaluate(pat
     assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
 
 
-def test_the_batch_norm_sweep_table_is_the_committed_sweep():
-    """docs/results.md's table of batch norm's test error with moving averages and with precise
-    statistics, row by row, against results/sweep-batch-norm.json."""
-    sweep = json.loads((ROOT / "results" / "sweep-batch-norm.json").read_text())
-    fmt = lambda stats: f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")  # noqa: E731
-    runs = {(r["batch_size"], r["seed"]): r for r in sweep["rows"] if r["norm"] == "batch"}
-    expected = {}
-    for point in (p for p in sweep["summary"] if p["norm"] == "batch"):
-        each = {key: ", ".join(f"{runs[(point['batch_size'], s)][key]:.2f}" for s in point["seeds"])
-                for key in ("test_error_percent", "test_error_percent_precise_bn")}
-        expected[str(point["batch_size"])] = [
-            str(point["batch_size"]), f"{point['lr']:g}", fmt(point["test_error_percent"]), each["test_error_percent"],
-            fmt(point["test_error_percent_precise_bn"]), each["test_error_percent_precise_bn"]]
+def test_the_sweep_table_is_the_committed_sweep():
+    """docs/results.md's sweep table, cell by cell, against results/sweep.json: for every batch size,
+    batch norm with moving averages and with precise statistics, layer and group norm, each as
+    "mean ± std (each seed)"."""
+    sweep = json.loads((ROOT / "results" / "sweep.json").read_text())
+    runs = {(r["norm"], r["batch_size"], r["seed"]): r for r in sweep["rows"]}
+    points = {(p["norm"], p["batch_size"]): p for p in sweep["summary"]}
+
+    def cell(norm, size, key):
+        point = points[norm, size]
+        stats = point[key]
+        each = ", ".join(f"{runs[norm, size, s][key]:.2f}" for s in point["seeds"])
+        return f"{stats['mean']:.2f} ± {stats['std']:.2f} ({each})"
+
+    columns = [("batch", "test_error_percent"), ("batch", "test_error_percent_precise_bn"),
+               ("layer", "test_error_percent"), ("group", "test_error_percent")]
+    expected = {str(size): [str(size), f"{points['batch', size]['lr']:g}", *(cell(n, size, k) for n, k in columns)]
+                for size in sorted({p["batch_size"] for p in sweep["summary"]})}
     found, inside = {}, False
     for line in (ROOT / "docs" / "results.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -216,4 +221,28 @@ def test_the_batch_norm_sweep_table_is_the_committed_sweep():
             found[cells[0]] = cells
         elif inside and not line.startswith("|"):
             break
-    assert sweep["seeds"] == [42, 43, 44] and found == expected
+    assert sweep["seeds"] == [42, 43, 44] and len(expected) == 7 and found == expected
+
+
+def test_the_readme_sweep_paragraph_is_the_committed_sweep():
+    """The README's numbers on batch norm at small batches, computed from results/sweep.json, with
+    the separations it claims (ranges that do not overlap) checked too."""
+    sweep = json.loads((ROOT / "results" / "sweep.json").read_text())
+    points = {(p["norm"], p["batch_size"]): p for p in sweep["summary"]}
+    error = lambda norm, size, key="test_error_percent": points[norm, size][key]  # noqa: E731
+    precise = "test_error_percent_precise_bn"
+    larger = [size for size in sorted({p["batch_size"] for p in sweep["summary"]}) if size >= 4]
+    text = (ROOT / "README.md").read_text()
+    paragraph = " ".join(text[text.index("**Why batch norm fails at small batches**"):].split("\n\n")[0].split())
+    span = lambda values: f"{min(values):.2f}–{max(values):.2f}%"  # noqa: E731
+    assert f"{error('batch', 2)['mean']:.2f}% at batch 2" in paragraph
+    assert f"{error('layer', 2)['mean']:.2f}% for layer norm and {error('group', 2)['mean']:.2f}% for group" in paragraph
+    assert error("batch", 2)["min"] > max(error("layer", 2)["max"], error("group", 2)["max"])  # do not overlap
+    assert f"from batch 4 up ({span([error('batch', s)['mean'] for s in larger])})" in paragraph
+    assert all(error("batch", s)["min"] <= error("group", s)["max"] and error("group", s)["min"] <= error("batch", s)["max"]
+               for s in larger)  # level with group norm: every range overlaps
+    assert f"to {span([error('batch', s, precise)['mean'] for s in larger])}" in paragraph
+    assert all(error("batch", s, precise)["max"] < error("batch", s)["min"] for s in larger)  # beyond the spread
+    assert all(error("batch", s, precise)["max"] < min(error("layer", s)["min"], error("group", s)["min"])
+               for s in larger if s >= 8)  # the best of the three from batch 8 up
+    assert f"batch 2 stays at {error('batch', 2, precise)['mean']:.2f}%" in paragraph
