@@ -14,6 +14,7 @@ import tempfile
 from contextlib import contextmanager
 
 verbose = False  # set by `normtf --verbose`
+threads: int | None = None  # set by `normtf --threads`: TensorFlow's intra- and inter-op threads
 _started = False
 
 
@@ -40,21 +41,30 @@ def _stderr_to_file():
 
 
 def start_tensorflow() -> None:
-    """Import TensorFlow and let it look for GPUs (where cuInit reports), once, quietly."""
+    """Import TensorFlow and let it look for GPUs (where cuInit reports), once, quietly; with
+    `threads` set, TensorFlow's thread pools are that size (settable only before it starts)."""
     global _started
     if _started:
         return
     if verbose:
         import tensorflow as tf
 
+        _set_threads(tf)
         tf.config.list_physical_devices("GPU")
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # and its later INFO/WARNING lines
         with _stderr_to_file():
             import tensorflow as tf
 
+            _set_threads(tf)
             tf.config.list_physical_devices("GPU")
         # TensorFlow's Python-side warnings (e.g. "triggered tf.function retracing" when a command
         # evaluates several models in turn) are about TensorFlow's internals, not the user's run.
         tf.get_logger().setLevel("ERROR")
     _started = True
+
+
+def _set_threads(tf) -> None:
+    if threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)

@@ -79,6 +79,8 @@ def environment(device: Device, strategy: tf.distribute.Strategy) -> dict:
         "replicas": strategy.num_replicas_in_sync,
         "precision": device.precision,
         "jit_compile": device.jit,
+        "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),  # 0: one per core
+                    "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,

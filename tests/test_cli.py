@@ -224,6 +224,25 @@ def test_commands_start_without_tensorflow_lines_unless_verbose():
     assert verbose.returncode == 0 and verbose.stderr != ""  # the same run, its lines shown
 
 
+def test_threads_sets_tensorflows_pools_and_is_recorded(tmp_path):
+    """`normtf --threads 1 train ...` in its own process (the pools can be set only before
+    TensorFlow starts): TensorFlow reports the size, and the run's config.json records it; a run
+    without the option records 0 (TensorFlow's default: one per core)."""
+    command = [sys.executable, "-m", "normtf", "--threads", "1", "train", "--norm", "group", *TINY,
+               "--runs-dir", str(tmp_path / "one")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stored = json.loads((tmp_path / "one" / "group" / "config.json").read_text())
+    assert stored["environment"]["threads"] == {"intra_op": 1, "inter_op": 1}
+
+    assert run("train", "--norm", "group", *TINY, "--runs-dir", tmp_path / "default").exit_code == 0
+    stored = json.loads((tmp_path / "default" / "group" / "config.json").read_text())
+    assert stored["environment"]["threads"] == {"intra_op": 0, "inter_op": 0}
+
+    result = run("--threads", "0", "train", "--norm", "group")
+    assert result.exit_code == 2 and "--threads" in result.output
+
+
 def test_exit_codes_are_the_documented_ones():
     from normtf import cli
 
