@@ -31,7 +31,7 @@ EXIT_ERROR, EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 def options(verbose: Annotated[bool, typer.Option(
         "--verbose", help="Show TensorFlow's start-up and runtime log lines (hidden by default).")] = False,
             threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, help="CPU threads for TensorFlow (each of its two pools). Default: one per core. "
+        "--threads", min=1, metavar="<int>", help="CPU threads for TensorFlow (each of its two pools). Default: one per core. "
                                  "Use 1 to train several runs side by side: on 2 cores, two 1-thread runs "
                                  "trained 1.2-1.5x the images per second of one run on both cores.")] = None):
     from normtf import quiet
