@@ -160,10 +160,19 @@ def test_the_figure_draws_a_band_per_variant_and_a_dashed_precise_line(swept, tm
     assert draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000
 
 
-def test_the_committed_one_seed_sweep_still_draws(tmp_path):
-    path = ROOT / "results" / "sweep.json"
-    before = path.read_bytes()
-    summary = json.loads(before)
+# A sweep file as normtf wrote it before `--seeds` (the one-seed sweep committed on 2026-11-24, two of
+# its batch sizes): one row per point, no seed per row, the seed at the top.
+ONE_SEED_SWEEP = {
+    "budget": {"epochs": 2, "test_size": 10000, "train_size": 20000}, "lr_scaled": True, "reference_batch": 128,
+    "seed": 42, "rows": [
+        {"batch_size": size, "lr": 0.01 * size / 128, "mean_epoch_time": 30.0, "norm": norm, "status": "finished",
+         "test_accuracy": 1 - error / 100, "test_error_percent": error}
+        for size, errors in [(2, (8.16, 4.25, 4.01)), (128, (5.31, 5.95, 4.33))]
+        for norm, error in zip(("batch", "layer", "group"), errors)]}
+
+
+def test_a_one_seed_sweep_from_before_seeds_still_draws(tmp_path):
+    summary = json.loads(json.dumps(ONE_SEED_SWEEP))
     lines = sweep_lines(summary)
     assert set(lines) == {row["norm"] for row in summary["rows"]}  # no precise line, no band: one seed
     assert all(line["low"] is None for line in lines.values())
@@ -172,7 +181,7 @@ def test_the_committed_one_seed_sweep_still_draws(tmp_path):
     _, ax = drawn_axes(lines, sweep_title(summary))
     assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000
-    assert path.read_bytes() == before
+    assert summary == ONE_SEED_SWEEP  # drawing does not change the summary
 
 
 def table_text(summary, width=120) -> list[str]:
