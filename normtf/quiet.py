@@ -3,7 +3,8 @@ prints half a dozen lines from its C++ runtime ("All log messages before absl::I
 "Could not find cuda drivers", "failed call to cuInit") straight to file descriptor 2, before any
 Python logging and before TF_CPP_MIN_LOG_LEVEL is read. They say nothing a CPU user can act on,
 so the CLI starts TensorFlow with descriptor 2 pointed at a temporary file, and shows that file
-only if the start fails (or with `normtf --verbose`, which does not redirect at all).
+only if the start fails (or with `normtf --verbose`, which does not redirect at all). The start is
+also the one moment TensorFlow's thread pools can be sized, so `normtf --threads` is applied here.
 """
 
 from __future__ import annotations
