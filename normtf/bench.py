@@ -7,7 +7,9 @@ waits, then one in PyTorch while normtf waits, `repeats` times. Interleaved, a c
 machine's speed (another tenant, a turbo state) hits both sides of the ratio alike; measured one
 after the other, the reference's median moved by 30% between two runs. The report gives each
 side's median window. How far an epoch is from what the hardware allows is measured against a
-FLOP floor: the model's training FLOPs at the machine's best float32 matmul rate.
+FLOP floor: the model's training FLOPs at the machine's best float32 matmul rate. The epoch a user
+waits for is measured too, by running `normtf train` itself (data pipeline, callbacks and the
+test-set evaluation included), alone on the machine.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,8 +42,12 @@ SETTINGS = {False: (20, 150), True: (5, 10)}
 
 
 def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps: int | None = None,
-                  reference: bool = True, out: Path | None = Path("results/bench.json"), progress=None) -> dict:
-    """Measure each variant in normtf and (reference=True) in the PyTorch reference; write `out`."""
+                  reference: bool = True, out: Path | None = Path("results/bench.json"), progress=None,
+                  epoch: bool | None = None, against: str = "reference") -> dict:
+    """Measure each variant in normtf and (reference=True) against `against`: the PyTorch reference
+    loop, or ("keras-layers") the same normtf model built from Keras's own layers instead of
+    normtf's (what normtf's layers buy); write `out`. epoch: also time a full epoch of `normtf
+    train` (default: unless quick)."""
     from normtf.norms import get_norm
 
     say = progress or (lambda message: None)
@@ -50,12 +57,16 @@ def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps
         raise UsageError(f"repeats and steps must be at least 1 (got {repeats}, {steps})")
     for norm in norms:
         get_norm(norm)
-    if reference and importlib.util.find_spec("torch") is None:
+    if against not in AGAINST:
+        raise UsageError(f"unknown --against {against!r}; choose one of: {', '.join(AGAINST)}")
+    if reference and against == "reference" and importlib.util.find_spec("torch") is None:
         raise NormtfError("PyTorch is not installed: pip install -e '.[bench]' (torch==2.13.0), "
                           "or run with --no-reference")
     window = {"steps": steps, "warmup": warmup, "repeats": repeats}
+    epoch = not quick if epoch is None else epoch
     settings = {**window, "evals": 1 if quick else repeats, "quick": quick, "reference": reference,
-                "batch_size": TrainConfig().batch_size}
+                "batch_size": TrainConfig().batch_size, "train_epochs": TRAIN_EPOCHS if epoch else 0,
+                "against": against if reference else None}
     load = os.getloadavg()[0]
     if load >= 1:
         say(f"warning: the machine is busy (load average {load:.1f}); every number will be low, "
@@ -66,9 +77,13 @@ def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps
     variants = {}
     for norm in norms:
         say(f"{norm}: {warmup} warm-up steps, then {repeats} x {steps} steps"
-            + (" in normtf and the reference by turns" if reference else "") + ", then evaluation")
+            + (f" in normtf and {AGAINST[against]} by turns" if reference else "") + ", then evaluation")
         ours = _Worker("normtf", norm=norm, evals=settings["evals"], **window)
-        theirs = _Worker("torch", norm=norm, **window) if reference else None
+        theirs = None
+        if reference:
+            theirs = (_Worker("torch", norm=norm, **window) if against == "reference" else
+                      _Worker("normtf", norm=norm, evals=settings["evals"], keras_layers=_keras_layers(against),
+                              **window))
         workers = [w for w in (ours, theirs) if w]
         try:
             for _ in range(repeats):
@@ -77,10 +92,15 @@ def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps
                 for worker in workers:
                     worker.run_window()
             ours.run_window()  # the evaluations, after the reference has finished
+            if theirs and theirs.kind == "normtf":
+                theirs.run_window()  # Keras's layers' evaluations, after ours
             variants[norm] = _summarize(ours.result(), theirs.result() if theirs else None, gflops)
         finally:
             for worker in workers:
                 worker.stop()  # a worker left waiting when the other failed (or on Ctrl-C)
+        if epoch:
+            say(f"{norm}: {TRAIN_EPOCHS} epochs of normtf train on the full training set")
+            variants[norm]["train"] = _summarize_epochs(train_epochs(norm), variants[norm]["floor_epoch_seconds"])
 
     result = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -104,6 +124,8 @@ def _summarize(ours: dict, theirs: dict | None, gflops: float) -> dict:
         reference = {"images_per_second": statistics.median(theirs["images_per_second"]),
                      "images_per_second_all": theirs["images_per_second"],
                      "peak_rss_mib": theirs["peak_rss_mib"]}
+        if "eval_seconds" in theirs:
+            reference.update(eval_seconds=statistics.median(theirs["eval_seconds"]), eval_seconds_all=theirs["eval_seconds"])
     return {
         "normtf": {"images_per_second": speed, "images_per_second_all": ours["images_per_second"],
                    "peak_rss_mib": ours["peak_rss_mib"], "eval_seconds": statistics.median(ours["eval_seconds"]),
@@ -119,6 +141,42 @@ def _summarize(ours: dict, theirs: dict | None, gflops: float) -> dict:
     }
 
 
+AGAINST = {"reference": "the PyTorch reference", "keras-layers": "the same model with Keras's layers",
+           **{f"keras-{name}": f"the same model with Keras's {name}" for name in
+              ("Conv2D", "Dropout", "BatchNormalization", "GroupNormalization", "LayerNormalization")}}
+def _keras_layers(against: str) -> list[str] | bool:
+    """Which of normtf's layers the compared model takes from Keras: all (True), or one class."""
+    return True if against == "keras-layers" else [against.removeprefix("keras-")]
+
+
+TRAIN_EPOCHS = 2  # the first also traces the training and test steps; the second is the steady epoch
+
+
+def train_epochs(norm: str, epochs: int = TRAIN_EPOCHS, train_size: int | None = None) -> list[float]:
+    """Each epoch's seconds, as `normtf train` records them (history.json's epoch_time: from the
+    epoch's first batch to the end of its test-set evaluation), from the command itself run in a
+    process of its own with its default settings. train_size: fewer images, for tests only."""
+    runs = Path(tempfile.mkdtemp(prefix="normtf-bench-"))
+    command = [sys.executable, "-m", "normtf", "train", "--norm", norm, "--epochs", str(epochs),
+               "--runs-dir", str(runs)] + (["--train-size", str(train_size)] if train_size else [])
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        histories = list(runs.glob("**/history.json"))
+        if done.returncode or len(histories) != 1:
+            raise NormtfError(f"`{' '.join(command[2:])}` failed (exit {done.returncode}):\n"
+                              f"{(done.stderr or done.stdout).strip()[-2000:]}")
+        return [record["epoch_time"] for record in json.loads(histories[0].read_text())]
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+
+
+def _summarize_epochs(seconds: list[float], floor: float) -> dict:
+    return {"epoch_seconds_all": seconds, "epoch_seconds": seconds[-1], "epoch_vs_floor": seconds[-1] / floor}
+
+
 def _version(package: str) -> str | None:
     try:
         return version(package)
@@ -128,12 +186,18 @@ def _version(package: str) -> str | None:
 
 def format_table(result: dict) -> Table:
     settings, machine = result["settings"], result["machine"]
+    floor = max(v["floor_epoch_seconds"] for v in result["variants"].values())  # the same model FLOPs in every variant
     table = Table(title="Training throughput (median of repeats)", caption=(
         f"{settings['repeats']} x {settings['steps']} steps after {settings['warmup']} warm-up, batch "
         f"{settings['batch_size']}; {machine['cpu_count']} CPUs, float32 matmul peak "
-        f"{machine['matmul_gflops']:.0f} GFLOP/s; ratio > 1: normtf is faster"))
-    for column in ["variant", "normtf img/s", "reference img/s", "ratio", "peak RSS (MiB)", "eval 10k (s)",
-                   "epoch vs FLOP floor"]:
+        f"{machine['matmul_gflops']:.0f} GFLOP/s; ratio > 1: normtf is faster. Epoch vs FLOP floor "
+        f"({floor:.2f} s): 60,000 images at the windows' rate; normtf train epoch: the last of "
+        f"{settings.get('train_epochs') or TRAIN_EPOCHS} epochs of `normtf train`, test-set evaluation included"
+        + ("" if settings.get("train_epochs") else " (not measured in this run)")))
+    against = settings.get("against") or "reference"
+    theirs = "reference img/s" if against == "reference" else f"{against.replace('-', ' ', 1)} img/s"
+    for column in ["variant", "normtf img/s", theirs, "ratio", "peak RSS (MiB)", "eval 10k (s)",
+                   "epoch vs FLOP floor", "normtf train epoch"]:
         table.add_column(column, justify="left" if column.startswith(("variant", "epoch")) else "right")
     for norm, v in result["variants"].items():
         table.add_row(
@@ -143,7 +207,8 @@ def format_table(result: dict) -> Table:
             f"{v['ratio']:.2f}" if v["ratio"] else "-",
             f"{v['normtf']['peak_rss_mib']:,.0f}",
             f"{v['normtf']['eval_seconds']:.2f}",
-            f"{v['epoch_seconds']:.1f} s = {v['epoch_vs_floor']:.1f}x floor ({v['floor_epoch_seconds']:.2f} s)",
+            f"{v['epoch_seconds']:.1f} s = {v['epoch_vs_floor']:.1f}x",
+            f"{v['train']['epoch_seconds']:.1f} s = {v['train']['epoch_vs_floor']:.1f}x" if v.get("train") else "-",
         )
     return table
 
@@ -232,22 +297,28 @@ def flops_per_image(model) -> int:
 
 
 def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int,
-                   gate=lambda: None, done=lambda: None) -> dict:
+                   gate=lambda: None, done=lambda: None, keras_layers: bool | list[str] = False) -> dict:
     """normtf's training step as `normtf train` runs it, then `evals` timed 10k-image evaluations.
     gate() is called before each timed phase (windows, evaluations) and done() after it.
+    keras_layers: the same model, compiled the same way, with Keras's layers in place of normtf's
+    (True: all of them; a list: those classes, e.g. ["Conv2D"]).
 
     The timing callback sees what `normtf train`'s own callbacks see, once per execution of
     `steps_per_execution` steps, so the timed loop is the one training runs."""
     import keras
 
     from normtf import data as datasets
-    from normtf.training import EVAL_BATCH, prepare
+    from normtf.layers import with_keras_layers
+    from normtf.training import EVAL_BATCH, compile_model, prepare
 
     config = TrainConfig(norm=norm)
     data = datasets.load("mnist")  # the reference's dataset
     n, batch = len(data.y_train), config.batch_size
     per_epoch, total = datasets.steps_per_epoch(n, batch), warmup + repeats * steps
     model, _, _ = prepare(config, per_epoch)
+    if keras_layers:
+        model = compile_model(with_keras_layers(model, None if keras_layers is True else keras_layers), config,
+                              model.jit_compile, model.steps_per_execution, per_epoch)
     train = datasets.train_dataset(data.x_train, data.y_train, batch, config.seed, config.rotation, 0,
                                    -(-total // per_epoch), data.mean, data.std)
     sizes = [min(batch, n - (step % per_epoch) * batch) for step in range(total + per_epoch)]  # short last batch

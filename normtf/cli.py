@@ -346,14 +346,27 @@ def diagrams(img_dir: ImgDir = Path("img"), groups: Annotated[int, typer.Option(
 def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", help="A rough look in about two minutes: 10-step windows, one evaluation.")] = False,
           repeats: Annotated[int, typer.Option(help="Timed windows per framework, normtf and the reference by turns; the median is reported.")] = 5,
           steps: Annotated[Optional[int], typer.Option(help="Training steps per timed window.")] = None,
-          reference: Annotated[bool, typer.Option(help="Also time the PyTorch reference loop (pip install 'normtf[bench]').")] = True,
-          out: Annotated[Path, typer.Option(help="Where the results are written as JSON.")] = Path("results/bench.json")):
-    """Training speed against the PyTorch reference. Throughput, memory, evaluation time, FLOP floor."""
+          reference: Annotated[bool, typer.Option(help="Also time what normtf is compared with (--against).")] = True,
+          against: Annotated[str, typer.Option(
+              help="reference: the PyTorch reference loop (pip install 'normtf[bench]'); keras-layers: the same "
+                   "model built from Keras's own layers instead of normtf's faster ones; keras-Conv2D, "
+                   "keras-Dropout, keras-BatchNormalization, keras-GroupNormalization, keras-LayerNormalization: "
+                   "Keras's layer of that class only.")] = "reference",
+          out: Annotated[Optional[Path], typer.Option(help="Where the results are written as JSON (default: "
+                                                        "results/bench.json; with --against keras-…, "
+                                                        "results/bench-keras-….json).")] = None,
+          epoch: Annotated[Optional[bool], typer.Option(
+              "--epoch/--no-epoch", help="Also time two full epochs of `normtf train` per variant (default: yes, "
+              "no with --quick).")] = None):
+    """Training speed against the PyTorch reference. Throughput, memory, evaluation time, FLOP floor,
+    and the epoch a user waits for."""
     from normtf.bench import format_table, run_benchmark
     from normtf.console import console
 
+    out = out or Path("results/bench.json" if against == "reference" else f"results/bench-{against}.json")
     result = run_benchmark([n.value for n in norm] if norm else list(NORMS), repeats, quick, steps, reference, out,
-                           progress=lambda message: console.print(message, highlight=False))
+                           progress=lambda message: console.print(message, highlight=False), epoch=epoch,
+                           against=against)
     console.print(format_table(result))
     console.print(f"wrote {out}")
 

@@ -147,6 +147,66 @@ def _compiled_by_xla() -> bool:
     return not tf.executing_eagerly() and GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
+CORRELATION_MIN_PIXELS = 400  # output maps from 20x20 up take the kernel gradient as a correlation
+
+
+@keras.saving.register_keras_serializable(package="normtf")
+class Conv2D(keras.layers.Conv2D):
+    """keras.layers.Conv2D with a faster backward pass on CPU; the forward pass is Keras's own op,
+    so outputs, evaluation and saved files are the same (other backends, XLA traces and the options
+    the study does not use are Keras's own throughout).
+
+    TensorFlow's kernel-gradient op (Conv2DBackpropFilter) is the slowest part of a step here: it
+    ran block 2's product at two thirds of the forward pass's rate. The same sums, as what they
+    are: the kernel gradient is the correlation of the input with the output gradient, summed over
+    the batch. With the batch as the channels of that correlation (input (C_in, H, W, N), the
+    output gradient as a (H', W', N, C_out) filter), TensorFlow's forward convolution computes it,
+    transposes included, in 3.8-4.1 against 5.4-7.6 ms for block 1 and 30-31 against 34-35 ms for
+    block 2 (batch 128, one thread). On maps smaller than 20x20 (blocks 3-6) it was no faster and
+    they keep TensorFlow's op. A 1x1 convolution is a matrix product over the pixels, and so are its
+    two gradients: 4.8-5.2 against 8.4-8.7 ms for the transition's backward pass."""
+
+    def convolution_op(self, inputs, kernel):
+        if not self._ours(inputs):
+            return super().convolution_op(inputs, kernel)
+        import tensorflow as tf
+
+        forward = super().convolution_op
+        channels_in, channels_out = kernel.shape[2], kernel.shape[3]
+        pointwise = tuple(self.kernel_size) == (1, 1)
+        pixels = math.prod(self.compute_output_shape(inputs.shape)[1:3])
+        half = self.kernel_size[0] // 2  # 'same' pads this much on every side (odd square kernels only)
+
+        @tf.custom_gradient
+        def convolution(x, w):
+            def grad(dy):
+                if pointwise:
+                    rows = tf.reshape(dy, (-1, channels_out))
+                    dx = tf.reshape(tf.matmul(rows, tf.reshape(w, (channels_in, channels_out)), transpose_b=True), tf.shape(x))
+                    dw = tf.matmul(tf.reshape(x, (-1, channels_in)), rows, transpose_a=True)
+                    return dx, tf.reshape(dw, tf.shape(w))
+                dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
+                                                    strides=[1, 1, 1, 1], padding=self.padding.upper())
+                if pixels < CORRELATION_MIN_PIXELS:
+                    dw = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=dy,
+                                                         strides=[1, 1, 1, 1], padding=self.padding.upper())
+                    return dx, dw
+                padded = x if self.padding == "valid" else tf.pad(x, [[0, 0], [half, half], [half, half], [0, 0]])
+                dw = tf.nn.conv2d(tf.transpose(padded, (3, 1, 2, 0)), tf.transpose(dy, (1, 2, 0, 3)), 1, "VALID")
+                return dx, tf.transpose(dw, (1, 2, 0, 3))  # (C_in, kh, kw, C_out) -> the kernel's layout
+
+            return forward(x, w), grad
+
+        return convolution(inputs, ops.cast(kernel, self.compute_dtype))  # a tensor: the gradient reaches the variable through the cast
+
+    def _ours(self, inputs) -> bool:
+        square_odd = self.kernel_size[0] == self.kernel_size[1] and self.kernel_size[0] % 2 == 1
+        return (keras.backend.backend() == "tensorflow" and not _compiled_by_xla() and len(inputs.shape) == 4
+                and self.data_format == "channels_last" and tuple(self.strides) == (1, 1)
+                and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
+                and (self.padding == "valid" or (self.padding == "same" and square_odd)))
+
+
 @keras.saving.register_keras_serializable(package="normtf")
 class BatchNormalization(keras.layers.BatchNormalization):
     """keras.layers.BatchNormalization with a faster training step (see _normalize); inference, and
@@ -225,7 +285,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
 # Model files: normtf's layers are a training detail. A saved model.keras names Keras's own classes,
 # so any Keras 3 loads it without normtf (safe mode included), with the same config and weights.
-OURS = {cls.__name__: cls for cls in (Dropout, BatchNormalization, GroupNormalization, LayerNormalization)}
+OURS = {cls.__name__: cls for cls in (Conv2D, Dropout, BatchNormalization, GroupNormalization, LayerNormalization)}
 
 
 def save_model(model, path) -> None:
@@ -279,10 +339,22 @@ def with_our_classes(model):
     speed, and to what it computed when training. Keras's GroupNormalization made the 10k-image
     evaluation of a group-norm model 1.8x as slow. Other models than Sequential ones (normtf's are)
     are returned as they are."""
-    theirs = {getattr(keras.layers, name): cls for name, cls in OURS.items()}
-    if not isinstance(model, keras.Sequential) or not any(type(layer) in theirs for layer in model.layers):
+    return _clone_with(model, {getattr(keras.layers, name): cls for name, cls in OURS.items()})
+
+
+def with_keras_layers(model, names=None):
+    """The model with Keras's own layers in place of normtf's (all, or those of OURS's `names`),
+    same config and weights: what normtf's layers are measured against (`normtf bench --against
+    keras-layers`, or keras-Conv2D etc. for one class)."""
+    return _clone_with(model, {cls: getattr(keras.layers, name) for name, cls in OURS.items()
+                               if names is None or name in names})
+
+
+def _clone_with(model, classes: dict):
+    """A copy of a Sequential model whose layers of a class in `classes` are made by its value."""
+    if not isinstance(model, keras.Sequential) or not any(type(layer) in classes for layer in model.layers):
         return model
     copy = keras.models.clone_model(
-        model, clone_function=lambda layer: theirs.get(type(layer), type(layer)).from_config(layer.get_config()))
+        model, clone_function=lambda layer: classes.get(type(layer), type(layer)).from_config(layer.get_config()))
     copy.set_weights(model.get_weights())
     return copy

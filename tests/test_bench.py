@@ -43,6 +43,38 @@ def test_normtf_worker_measures_a_positive_throughput():
     assert result["eval_seconds"][0] > 0
 
 
+def test_keras_layers_worker_times_the_model_built_from_keras_layers(monkeypatch):
+    import keras
+
+    from normtf import layers
+
+    built = []
+    original = layers.with_keras_layers
+    monkeypatch.setattr(layers, "with_keras_layers", lambda model, names: built.append(original(model, names)) or built[-1])
+    result = bench.measure_normtf("group", steps=3, warmup=1, repeats=1, evals=1, keras_layers=True)
+    assert result["images_per_second"][0] > 0 and result["eval_seconds"][0] > 0
+    kinds = {type(layer) for layer in built[0].layers}
+    assert keras.layers.GroupNormalization in kinds and keras.layers.Conv2D in kinds
+    assert not any(cls.__module__.startswith("normtf") for cls in kinds)
+
+
+def test_keras_layers_of_one_class_replace_only_that_class():
+    import keras
+
+    from normtf import layers
+    from normtf.models import build_model
+
+    assert bench._keras_layers("keras-Conv2D") == ["Conv2D"] and bench._keras_layers("keras-layers") is True
+    kinds = {type(layer) for layer in layers.with_keras_layers(build_model("group"), ["Conv2D"]).layers}
+    assert keras.layers.Conv2D in kinds and layers.GroupNormalization in kinds and layers.Dropout in kinds
+    assert layers.Conv2D not in kinds
+
+
+def test_an_unknown_comparison_is_a_usage_error_naming_the_choices():
+    with pytest.raises(bench.UsageError, match="keras-layers, keras-Conv2D"):
+        bench.run_benchmark(["group"], against="keras-conv", out=None)
+
+
 def test_table_renders_without_reference():
     variant = {"normtf": {"images_per_second": 1500.0, "peak_rss_mib": 900.0, "eval_seconds": 1.2},
                "reference": None, "ratio": None, "epoch_seconds": 40.0, "floor_epoch_seconds": 2.0,
@@ -50,6 +82,27 @@ def test_table_renders_without_reference():
     result = {"settings": {"repeats": 3, "steps": 20, "warmup": 10, "batch_size": 128},
               "machine": {"cpu_count": 2, "matmul_gflops": 480.0}, "variants": {"batch": variant}}
     assert bench.format_table(result).row_count == 1
+
+
+def test_train_epochs_are_the_epoch_times_normtf_train_records():
+    seconds = bench.train_epochs("group", epochs=2, train_size=1024)  # `normtf train` in its own process
+    assert len(seconds) == 2 and all(0 < s < 600 for s in seconds)
+
+
+def test_a_failing_train_epoch_says_which_command_failed():
+    with pytest.raises(bench.NormtfError, match="train --norm no-such-norm .* failed"):
+        bench.train_epochs("no-such-norm", epochs=1, train_size=256)
+
+
+def test_table_shows_the_train_epoch_against_the_floor():
+    variant = {"normtf": {"images_per_second": 3000.0, "peak_rss_mib": 900.0, "eval_seconds": 0.6},
+               "reference": None, "ratio": None, "epoch_seconds": 20.0, "floor_epoch_seconds": 4.0,
+               "epoch_vs_floor": 5.0, "train": bench._summarize_epochs([30.0, 22.0], 4.0)}
+    result = {"settings": {"repeats": 3, "steps": 20, "warmup": 10, "batch_size": 128, "train_epochs": 2},
+              "machine": {"cpu_count": 2, "matmul_gflops": 480.0}, "variants": {"group": variant}}
+    table = bench.format_table(result)
+    assert list(table.columns[-1].cells) == ["22.0 s = 5.5x"] and list(table.columns[-2].cells) == ["20.0 s = 5.0x"]
+    assert variant["train"]["epoch_seconds_all"] == [30.0, 22.0]
 
 
 class _Clock:

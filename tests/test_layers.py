@@ -180,8 +180,83 @@ def test_saved_model_loads_safely_and_predicts_the_same(norm, tmp_path, test_bat
 
 # XLA (the GPU configuration, rehearsed on CPU) and mixed precision. Each layer as the model makes
 # it: (name, factory taking a dtype policy).
+# The study's convolutions (models.BLOCKS) and one 'same' convolution large enough for the
+# correlation path: (input shape, filters, kernel, padding, which kernel gradient ours takes).
+CONVS = {
+    "block1": ((28, 28, 1), 14, 3, "valid", "correlation"),
+    "block2": ((26, 26, 14), 28, 3, "valid", "correlation"),
+    "transition": ((24, 24, 28), 12, 1, "valid", "matmul"),
+    "block3": ((12, 12, 12), 14, 3, "valid", "tensorflow"),
+    "block6": ((6, 6, 12), 12, 3, "same", "tensorflow"),
+    "same-24": ((24, 24, 12), 12, 3, "same", "correlation"),
+}
+
+
+def _conv_grads(layer, x, upstream):
+    """Output and the gradients of sum(output * upstream) with respect to input and kernel, in a
+    tf.function (as training runs it), as float64 arrays."""
+    @tf.function
+    def step(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * upstream)
+        return [layer(x), *tape.gradient(loss, [x, layer.kernel])]
+
+    return [np.asarray(r, np.float64) for r in step(tf.cast(x, layer.compute_dtype), tf.cast(upstream, layer.compute_dtype))]
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_convolution_is_keras_forward_and_as_accurate_backward(name):
+    """Our Conv2D's output is Keras's, bit for bit (the same op); its gradients, computed another
+    way, are within float32 rounding of Keras's layer in float64 (no further off than twice
+    Keras's own float32 layer, or 1e-5 of the largest value)."""
+    shape, filters, kernel, padding, _ = CONVS[name]
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=(32, *shape)), 0)  # post-ReLU-like: zeros and positives
+    weights = rng.normal(0, 0.3, (kernel, kernel, shape[-1], filters))
+    layers = {}
+    for key, cls, dtype in [("truth", keras.layers.Conv2D, "float64"), ("keras", keras.layers.Conv2D, "float32"),
+                            ("ours", ours.Conv2D, "float32")]:
+        layers[key] = cls(filters, kernel, padding=padding, use_bias=False, dtype=dtype)
+        layers[key].build((None, *shape))
+        layers[key].kernel.assign(weights.astype(dtype))
+    out_shape = layers["truth"].compute_output_shape((32, *shape))
+    upstream = rng.normal(size=out_shape)
+    truth, theirs, mine = (_conv_grads(layers[k], x, upstream) for k in ("truth", "keras", "ours"))
+    np.testing.assert_array_equal(mine[0], theirs[0])
+    for what, t, a, b in zip(["d input", "d kernel"], truth[1:], theirs[1:], mine[1:]):
+        keras_error, our_error = np.abs(a - t).max(), np.abs(b - t).max()
+        assert our_error <= max(2 * keras_error, 1e-5 * np.abs(t).max()), (what, our_error, keras_error)
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_convolution_gradient_takes_the_measured_path(name):
+    """Which kernel gradient each of the study's convolutions gets (the docstring's measurements):
+    guards the rule, and that the trace XLA compiles is Keras's own (TensorFlow's gradient ops)."""
+    shape, filters, kernel, padding, path = CONVS[name]
+    layer = ours.Conv2D(filters, kernel, padding=padding, use_bias=False)
+    layer.build((None, *shape))
+
+    def op_types(jit):
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x))
+            return tape.gradient(loss, [x, layer.kernel])
+        fn = tf.function(step, jit_compile=jit).get_concrete_function(tf.TensorSpec((4, *shape), tf.float32))
+        return {op.type for f in [fn.graph, *(g.graph for g in fn.graph._functions.values() if hasattr(g, "graph"))]
+                for op in f.get_operations()}
+
+    plain = op_types(False)
+    assert ("Conv2DBackpropFilter" in plain) == (path == "tensorflow")
+    assert ("MatMul" in plain) == (path == "matmul")
+    assert "Conv2DBackpropFilter" in op_types(True)  # under XLA: Keras's layer, TensorFlow's gradient
+
+
 OURS = {
     "dropout": lambda d: ours.Dropout(0.1, seed=3, dtype=d),
+    "conv-correlation": lambda d: ours.Conv2D(28, 3, use_bias=False, dtype=d),  # on the 26x26 activations
+    "conv-1x1": lambda d: ours.Conv2D(12, 1, use_bias=False, dtype=d),
     "batch": PAIRS["batch"][1],
     "group-2": PAIRS["group"][1],
     "group-1": PAIRS["layer-c"][1],
@@ -189,13 +264,16 @@ OURS = {
 }
 
 
-def _compiled_step(make, x, upstream, jit: bool, policy: str = "float32"):
-    """Output, gradients (input, gamma, beta) and state after one training call of a fresh layer
-    inside tf.function(jit_compile=jit), as float64 arrays. Same weights and seed every call."""
+def _compiled_step(make, x, jit: bool, policy: str = "float32"):
+    """Output, gradients (input and weights) and state after one training call of a fresh layer
+    inside tf.function(jit_compile=jit), as float64 arrays. Same weights, seed and upstream
+    gradient every call."""
     keras.mixed_precision.set_global_policy(policy)
     try:
         layer = make(None)
         layer.build(x.shape)
+        out_shape = layer.compute_output_shape(x.shape)
+        upstream = tf.constant(np.random.default_rng(1).normal(size=out_shape), tf.float32)
         rng = np.random.default_rng(0)
         for w in layer.trainable_weights:
             w.assign(rng.normal(1 if w.name == "gamma" else 0, 0.3, w.shape).astype(w.dtype))
@@ -227,9 +305,8 @@ def test_xla_compiled_layer_equals_the_uncompiled_one(name, small_activations):
     sample's pixels (then, for batch norm, over the 32 samples), and the two agree to 5e-6 (of
     the largest value). When batch norm summed all 21,632 values of a channel at once they were
     8e-5 apart."""
-    upstream = tf.constant(np.random.default_rng(1).normal(size=small_activations.shape), tf.float32)
-    plain = _compiled_step(OURS[name], small_activations, upstream, jit=False)
-    xla = _compiled_step(OURS[name], small_activations, upstream, jit=True)
+    plain = _compiled_step(OURS[name], small_activations, jit=False)
+    xla = _compiled_step(OURS[name], small_activations, jit=True)
     assert len(plain) == len(xla) >= 2
     for a, b in zip(plain, xla):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
@@ -242,9 +319,8 @@ def test_mixed_precision_layer_is_finite_and_close_to_float32(name, policy, tole
     """Under a mixed policy the layer computes in float16/bfloat16 where Keras's would, its
     statistics in float32: finite, and within the half type's rounding of float32's results
     (relative to each result's largest value)."""
-    upstream = tf.constant(np.random.default_rng(1).normal(size=small_activations.shape), tf.float32)
-    full = _compiled_step(OURS[name], small_activations, upstream, jit=jit)
-    half = _compiled_step(OURS[name], small_activations, upstream, jit=jit, policy=policy)
+    full = _compiled_step(OURS[name], small_activations, jit=jit)
+    half = _compiled_step(OURS[name], small_activations, jit=jit, policy=policy)
     for a, b in zip(full, half):
         assert np.isfinite(b).all()
         np.testing.assert_allclose(b, a, rtol=0, atol=tolerance * np.abs(a).max())

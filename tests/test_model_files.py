@@ -72,10 +72,10 @@ def test_saved_files_name_keras_classes_and_normtf_loads_its_own(trained):
         entries = _class_entries(path)
         assert not [e for e in entries if "normtf" in json.dumps(e)], norm
         norm_class = type(NORMS[norm].make(TrainConfig(norm=norm))).__name__
-        assert ("keras.layers", norm_class, None) in entries and ("keras.layers", "Dropout", None) in entries
+        assert {("keras.layers", name, None) for name in (norm_class, "Dropout", "Conv2D")} <= set(entries)
         loaded = load_model(path)  # normtf evaluates with its own (faster) layers again
         assert {type(layer) for layer in loaded.layers} & set(ours.OURS.values()) == {
-            ours.OURS[norm_class], ours.Dropout}
+            ours.OURS[norm_class], ours.Dropout, ours.Conv2D}
 
 
 def test_an_older_file_naming_normtf_layers_still_evaluates_and_converts(dataset, tmp_path):
@@ -119,3 +119,20 @@ def test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset):
         reference = build_model(norm)  # the model as training builds it, with the file's weights
         reference.set_weights(plain.get_weights())
         np.testing.assert_array_equal(mine.predict(images, verbose=0), reference.predict(images, verbose=0))
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_with_keras_layers_is_the_model_in_keras_classes(norm, dataset):
+    """What `normtf bench --against keras-layers` times: every layer of normtf's replaced by the
+    Keras layer it subclasses, with the same config and weights, so the same predictions (to
+    float32 rounding: the two sum in different orders)."""
+    model = build_model(norm)
+    plain = ours.with_keras_layers(model)
+    assert [type(layer) for layer in plain.layers] == [
+        getattr(keras.layers, type(layer).__name__) if type(layer) in ours.OURS.values() else type(layer)
+        for layer in model.layers]
+    assert {type(layer).__module__.split(".")[0] for layer in plain.layers} == {"keras"}
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    images = data.normalized(dataset.x_test[:100], dataset.mean, dataset.std)
+    np.testing.assert_allclose(plain.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-4)
