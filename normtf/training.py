@@ -175,6 +175,17 @@ class _EpochKeeper(keras.callbacks.Callback):
         super().__init__()
         self.run, self.config, self.history = run, config, history
         self.failure = None
+        self.interrupts = []  # signals received (_interrupts): raised again here if Python dropped one
+
+    def _interrupted(self):
+        if self.interrupts:
+            raise KeyboardInterrupt
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._interrupted()
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._interrupted()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.started = epoch, time.perf_counter()
@@ -209,6 +220,7 @@ class _EpochKeeper(keras.callbacks.Callback):
         for old in self.run.checkpoint_dir.glob("epoch-*.weights.h5"):
             if old != checkpoint:
                 old.unlink()
+        self._interrupted()  # after keeping the finished epoch
 
 
 def _xla_failure(error) -> str:
@@ -227,19 +239,27 @@ def _seed_generators(model):
 
 
 @contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a closed laptop session, `kill`) stops training the way Ctrl-C does."""
+def _interrupts():
+    """Ctrl-C (SIGINT) and SIGTERM (a closed laptop session, `kill`) stop training, surely. Python
+    raises the KeyboardInterrupt wherever the main thread happens to be, and inside a finalizer
+    (a tf.data iterator's __del__ as an epoch ends) it is printed and dropped: training then ran on
+    to its end (seen once in the test suite on a busy machine). So each request is also kept in
+    the yielded list, and _EpochKeeper raises it again at the next batch or epoch end."""
+    requested = []
+
     def handler(signum, frame):
+        requested.append(signum)
         raise KeyboardInterrupt
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield requested
         return
     try:
-        yield
+        yield requested
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _start_state(run: RunDir, config: TrainConfig, force: bool, warn) -> tuple[str, list[dict]]:
@@ -351,7 +371,7 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
                                     EVAL_BATCH)
         extra = [keras.callbacks.TensorBoard(str(run.path / "tensorboard"))] if tensorboard else []
         try:
-            with _sigterm_as_interrupt():
+            with _interrupts() as keeper.interrupts:
                 model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=epochs_done,
                           steps_per_epoch=steps, callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
         except BaseException as e:

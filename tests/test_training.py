@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import keras
@@ -85,6 +86,30 @@ def test_interrupted_training_resumes_from_the_last_finished_epoch(dataset, tmp_
     assert run.status(config) == "partial" and len(run.read_history()) == 1 and run.checkpoint(1).exists()
     result = train(config, tmp_path, dataset=dataset)
     assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.metrics["status"] == "finished"
+
+
+def test_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(dataset, tmp_path, monkeypatch):
+    """A SIGINT whose KeyboardInterrupt is raised inside a __del__ (Python prints it and goes on,
+    as when a tf.data iterator is collected at an epoch's end) still interrupts: at the next batch."""
+    import signal
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
+
+    class DroppedCtrlC(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                Finalized()  # collected at once
+
+    dropped = []  # what Python reports as "Exception ignored in ..." and goes on
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    config = TrainConfig(norm="group", epochs=3, train_size=1000, test_size=500)
+    with pytest.raises(Interrupted, match="1 of 3 epochs .* run the same command again to resume"):
+        train(config, tmp_path, dataset=dataset, callbacks=[DroppedCtrlC()])
+    assert dropped == [KeyboardInterrupt]  # Python did drop the first one
+    assert len(RunDir(tmp_path / "group").read_history()) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
 
 
 def test_non_finite_loss_stops_the_run_and_marks_it_failed(dataset, tmp_path):
