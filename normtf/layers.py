@@ -202,7 +202,7 @@ class Conv2D(keras.layers.Conv2D):
     def _ours(self, inputs) -> bool:
         square_odd = self.kernel_size[0] == self.kernel_size[1] and self.kernel_size[0] % 2 == 1
         return (keras.backend.backend() == "tensorflow" and not _compiled_by_xla() and len(inputs.shape) == 4
-                and self.data_format == "channels_last" and tuple(self.strides) == (1, 1)
+                and None not in inputs.shape[1:] and self.data_format == "channels_last" and tuple(self.strides) == (1, 1)
                 and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
                 and (self.padding == "valid" or (self.padding == "same" and square_odd)))
 

@@ -229,6 +229,13 @@ def test_convolution_is_keras_forward_and_as_accurate_backward(name):
         assert our_error <= max(2 * keras_error, 1e-5 * np.abs(t).max()), (what, our_error, keras_error)
 
 
+def test_convolution_of_unknown_image_size_is_keras_own():
+    layer = ours.Conv2D(4, 3, use_bias=False)
+    fn = tf.function(lambda x: layer(x)).get_concrete_function(tf.TensorSpec((None, None, None, 2), tf.float32))
+    assert fn(tf.ones((1, 9, 7, 2))).shape == (1, 7, 5, 4)
+    assert "IdentityN" not in {op.type for op in fn.graph.get_operations()}  # no custom gradient: Keras's op
+
+
 @pytest.mark.parametrize("name", CONVS)
 def test_convolution_gradient_takes_the_measured_path(name):
     """Which kernel gradient each of the study's convolutions gets (the docstring's measurements):
