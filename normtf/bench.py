@@ -152,13 +152,14 @@ def _keras_layers(against: str) -> list[str] | bool:
 TRAIN_EPOCHS = 2  # the first also traces the training and test steps; the second is the steady epoch
 
 
-def train_epochs(norm: str, epochs: int = TRAIN_EPOCHS, train_size: int | None = None) -> list[float]:
+def train_epochs(norm: str, epochs: int = TRAIN_EPOCHS, options: tuple[str, ...] = ()) -> list[float]:
     """Each epoch's seconds, as `normtf train` records them (history.json's epoch_time: from the
     epoch's first batch to the end of its test-set evaluation), from the command itself run in a
-    process of its own with its default settings. train_size: fewer images, for tests only."""
+    process of its own with its default settings. options: more `normtf train` options (tests
+    train on fewer images)."""
     runs = Path(tempfile.mkdtemp(prefix="normtf-bench-"))
     command = [sys.executable, "-m", "normtf", "train", "--norm", norm, "--epochs", str(epochs),
-               "--runs-dir", str(runs)] + (["--train-size", str(train_size)] if train_size else [])
+               "--runs-dir", str(runs), *options]
     package_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
            "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -85,13 +85,13 @@ def test_table_renders_without_reference():
 
 
 def test_train_epochs_are_the_epoch_times_normtf_train_records():
-    seconds = bench.train_epochs("group", epochs=2, train_size=1024)  # `normtf train` in its own process
+    seconds = bench.train_epochs("group", epochs=2, options=("--train-size", "512", "--test-size", "500"))
     assert len(seconds) == 2 and all(0 < s < 600 for s in seconds)
 
 
 def test_a_failing_train_epoch_says_which_command_failed():
     with pytest.raises(bench.NormtfError, match="train --norm no-such-norm .* failed"):
-        bench.train_epochs("no-such-norm", epochs=1, train_size=256)
+        bench.train_epochs("no-such-norm", epochs=1)
 
 
 def test_table_shows_the_train_epoch_against_the_floor():
