@@ -141,9 +141,13 @@ def _summarize(ours: dict, theirs: dict | None, gflops: float) -> dict:
     }
 
 
+# What normtf is timed against (--against). The class names are normtf.layers.OURS's, written out
+# so that a bad value is refused before Keras loads (tests/test_bench.py keeps the two the same).
 AGAINST = {"reference": "the PyTorch reference", "keras-layers": "the same model with Keras's layers",
            **{f"keras-{name}": f"the same model with Keras's {name}" for name in
               ("Conv2D", "Dropout", "BatchNormalization", "GroupNormalization", "LayerNormalization")}}
+
+
 def _keras_layers(against: str) -> list[str] | bool:
     """Which of normtf's layers the compared model takes from Keras: all (True), or one class."""
     return True if against == "keras-layers" else [against.removeprefix("keras-")]

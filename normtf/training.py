@@ -244,14 +244,16 @@ def _interrupts():
     raises the KeyboardInterrupt wherever the main thread happens to be, and inside a finalizer
     (a tf.data iterator's __del__ as an epoch ends) it is printed and dropped: training then ran on
     to its end (seen once in the test suite on a busy machine). So each request is also kept in
-    the yielded list, and _EpochKeeper raises it again at the next batch or epoch end."""
+    the yielded list, and _EpochKeeper raises it again at the next batch or epoch end. A signal
+    the process was started ignoring (a job in the background of a script: SIGINT) stays ignored."""
     requested = []
 
     def handler(signum, frame):
         requested.append(signum)
         raise KeyboardInterrupt
     try:
-        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
     except ValueError:  # not the main thread: leave signals alone
         yield requested
         return

@@ -70,6 +70,13 @@ def test_keras_layers_of_one_class_replace_only_that_class():
     assert layers.Conv2D not in kinds
 
 
+def test_every_layer_of_ours_can_be_timed_against_keras_alone():
+    from normtf import layers
+
+    assert {name.removeprefix("keras-") for name in bench.AGAINST if name.startswith("keras-")} == {
+        "layers", *layers.OURS}
+
+
 def test_an_unknown_comparison_is_a_usage_error_naming_the_choices():
     with pytest.raises(bench.UsageError, match="keras-layers, keras-Conv2D"):
         bench.run_benchmark(["group"], against="keras-conv", out=None)

@@ -102,15 +102,35 @@ def test_ctrl_c_that_python_drops_in_a_finalizer_still_stops_training(dataset, t
             if epoch == 0:
                 Finalized()  # collected at once
 
-    before = signal.getsignal(signal.SIGINT)  # Python's, or ignored in a pytest-xdist worker
     dropped = []  # what Python reports as "Exception ignored in ..." and goes on
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
-    config = TrainConfig(norm="group", epochs=3, train_size=1000, test_size=500)
-    with pytest.raises(Interrupted, match="1 of 3 epochs .* run the same command again to resume"):
-        train(config, tmp_path, dataset=dataset, callbacks=[DroppedCtrlC()])
-    assert dropped == [KeyboardInterrupt]  # Python did drop the first one
-    assert len(RunDir(tmp_path / "group").read_history()) == 1
-    assert signal.getsignal(signal.SIGINT) == before  # Ctrl-C is handled as before training again
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (xdist workers ignore it)
+    try:
+        config = TrainConfig(norm="group", epochs=3, train_size=1000, test_size=500)
+        with pytest.raises(Interrupted, match="1 of 3 epochs .* run the same command again to resume"):
+            train(config, tmp_path, dataset=dataset, callbacks=[DroppedCtrlC()])
+        assert dropped == [KeyboardInterrupt]  # Python did drop the first one
+        assert len(RunDir(tmp_path / "group").read_history()) == 1
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_process_started_ignoring_ctrl_c_keeps_ignoring_it_while_training(dataset, tmp_path):
+    import signal
+
+    seen = []
+
+    class During(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # `normtf train &` in a script
+    try:
+        train(TrainConfig(norm="group", **TINY), tmp_path, dataset=dataset, callbacks=[During()])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen[0][0] is signal.SIG_IGN and callable(seen[0][1])  # SIGTERM still stops it
 
 
 def test_non_finite_loss_stops_the_run_and_marks_it_failed(dataset, tmp_path):
