@@ -1,4 +1,5 @@
 import importlib.util
+import json
 
 import pytest
 
@@ -75,6 +76,28 @@ def test_every_layer_of_ours_can_be_timed_against_keras_alone():
 
     assert {name.removeprefix("keras-") for name in bench.AGAINST if name.startswith("keras-")} == {
         "layers", *layers.OURS}
+
+
+def test_bench_against_one_keras_class_runs_as_the_readme_says(tmp_path, monkeypatch):
+    """`normtf bench --against keras-Conv2D` through the command line, as a user types it (with fewer
+    steps): both workers run by turns, the table is printed, and the results go to
+    results/bench-keras-Conv2D.json, never over results/bench.json (the PyTorch comparison)."""
+    from typer.testing import CliRunner
+
+    from normtf.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["bench", "--quick", "--norm", "layer-c", "--against", "keras-Conv2D",
+                                      "--repeats", "1", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "results" / "bench.json").exists()
+    stored = json.loads((tmp_path / "results" / "bench-keras-Conv2D.json").read_text())
+    assert stored["settings"]["against"] == "keras-Conv2D" and stored["settings"]["train_epochs"] == 0
+    variant = stored["variants"]["layer-c"]
+    assert variant["ratio"] > 0 and variant["reference"]["images_per_second"] > 0
+    assert variant["normtf"]["eval_seconds"] > 0 and variant["reference"]["eval_seconds"] > 0
+    output = " ".join(result.output.split())
+    assert "with Keras's Conv2D" in output and "wrote results/bench-keras-Conv2D.json" in output
 
 
 def test_an_unknown_comparison_is_a_usage_error_naming_the_choices():
