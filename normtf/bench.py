@@ -29,6 +29,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from normtf.config import TrainConfig
@@ -192,18 +193,21 @@ def _version(package: str) -> str | None:
 def format_table(result: dict) -> Table:
     settings, machine = result["settings"], result["machine"]
     floor = max(v["floor_epoch_seconds"] for v in result["variants"].values())  # the same model FLOPs in every variant
-    table = Table(title="Training throughput (median of repeats)", caption=(
+    against = settings.get("against", "reference" if settings.get("reference", True) else None)  # older files: no key
+    table = Table(title="Training throughput" + (f", normtf against {AGAINST[against]}" if against else "")
+                  + " (median of repeats)",
+                  box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, caption=(
         f"{settings['repeats']} x {settings['steps']} steps after {settings['warmup']} warm-up, batch "
         f"{settings['batch_size']}; {machine['cpu_count']} CPUs, float32 matmul peak "
         f"{machine['matmul_gflops']:.0f} GFLOP/s; ratio > 1: normtf is faster. Epoch vs FLOP floor "
-        f"({floor:.2f} s): 60,000 images at the windows' rate; normtf train epoch: the last of "
+        f"({floor:.2f} s): 60,000 images at the windows' rate; train epoch: the last of "
         f"{settings.get('train_epochs') or TRAIN_EPOCHS} epochs of `normtf train`, test-set evaluation included"
         + ("" if settings.get("train_epochs") else " (not measured in this run)")))
-    against = settings.get("against") or "reference"
-    theirs = "reference img/s" if against == "reference" else f"{against.replace('-', ' ', 1)} img/s"
-    for column in ["variant", "normtf img/s", theirs, "ratio", "peak RSS (MiB)", "eval 10k (s)",
-                   "epoch vs FLOP floor", "normtf train epoch"]:
-        table.add_column(column, justify="left" if column.startswith(("variant", "epoch")) else "right")
+    # Two-line headers, no vertical rules and one space between columns: the table fits 80 columns.
+    for column in ["variant", "normtf\nimg/s", ("Keras's" if against and against != "reference" else "PyTorch") + "\nimg/s", "ratio", "peak RSS\nMiB", "eval 10k\ns",
+                   "epoch vs\nFLOP floor", "train\nepoch"]:
+        table.add_column(column, justify="left" if column.startswith(("variant", "epoch", "train")) else "right",
+                         no_wrap=True)
     for norm, v in result["variants"].items():
         table.add_row(
             norm,
@@ -212,8 +216,8 @@ def format_table(result: dict) -> Table:
             f"{v['ratio']:.2f}" if v["ratio"] else "-",
             f"{v['normtf']['peak_rss_mib']:,.0f}",
             f"{v['normtf']['eval_seconds']:.2f}",
-            f"{v['epoch_seconds']:.1f} s = {v['epoch_vs_floor']:.1f}x",
-            f"{v['train']['epoch_seconds']:.1f} s = {v['train']['epoch_vs_floor']:.1f}x" if v.get("train") else "-",
+            f"{v['epoch_seconds']:.0f} s {v['epoch_vs_floor']:.1f}x",
+            f"{v['train']['epoch_seconds']:.0f} s {v['train']['epoch_vs_floor']:.1f}x" if v.get("train") else "-",
         )
     return table
 

@@ -1,5 +1,7 @@
 import importlib.util
+import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -131,8 +133,22 @@ def test_table_shows_the_train_epoch_against_the_floor():
     result = {"settings": {"repeats": 3, "steps": 20, "warmup": 10, "batch_size": 128, "train_epochs": 2},
               "machine": {"cpu_count": 2, "matmul_gflops": 480.0}, "variants": {"group": variant}}
     table = bench.format_table(result)
-    assert list(table.columns[-1].cells) == ["22.0 s = 5.5x"] and list(table.columns[-2].cells) == ["20.0 s = 5.0x"]
+    assert list(table.columns[-1].cells) == ["22 s 5.5x"] and list(table.columns[-2].cells) == ["20 s 5.0x"]
     assert variant["train"]["epoch_seconds_all"] == [30.0, 22.0]
+
+
+def test_the_committed_benchmarks_tables_fit_80_columns_uncut():
+    from rich.console import Console
+
+    for path in sorted((Path(__file__).parent.parent / "results").glob("bench*.json")):
+        result = json.loads(path.read_text())
+        for variant in result["variants"].values():  # the widest cells: every column filled
+            variant.setdefault("train", bench._summarize_epochs([130.0, 122.0], variant["floor_epoch_seconds"]))
+        console = Console(width=80, record=True, file=io.StringIO())
+        console.print(bench.format_table(result))
+        lines = console.export_text().splitlines()
+        assert max(map(len, lines)) <= 80 and "…" not in "".join(lines), path
+        assert all(f" {norm} " in "".join(lines) for norm in result["variants"]), path
 
 
 class _Clock:
