@@ -29,10 +29,10 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from rich import box
 from rich.table import Table
 
 from normtf.config import TrainConfig
+from normtf.console import COMPACT
 from normtf.errors import NormtfError, UsageError
 from normtf.files import write_json
 
@@ -196,14 +196,14 @@ def format_table(result: dict) -> Table:
     against = settings.get("against", "reference" if settings.get("reference", True) else None)  # older files: no key
     table = Table(title="Training throughput" + (f", normtf against {AGAINST[against]}" if against else "")
                   + " (median of repeats)",
-                  box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, caption=(
+                  **COMPACT, caption=(
         f"{settings['repeats']} x {settings['steps']} steps after {settings['warmup']} warm-up, batch "
         f"{settings['batch_size']}; {machine['cpu_count']} CPUs, float32 matmul peak "
         f"{machine['matmul_gflops']:.0f} GFLOP/s; ratio > 1: normtf is faster. Epoch vs FLOP floor "
         f"({floor:.2f} s): 60,000 images at the windows' rate; train epoch: the last of "
         f"{settings.get('train_epochs') or TRAIN_EPOCHS} epochs of `normtf train`, test-set evaluation included"
         + ("" if settings.get("train_epochs") else " (not measured in this run)")))
-    # Two-line headers, no vertical rules and one space between columns: the table fits 80 columns.
+    # Two-line headers and console.COMPACT: the table fits 80 columns.
     for column in ["variant", "normtf\nimg/s", ("Keras's" if against and against != "reference" else "PyTorch") + "\nimg/s", "ratio", "peak RSS\nMiB", "eval 10k\ns",
                    "epoch vs\nFLOP floor", "train\nepoch"]:
         table.add_column(column, justify="left" if column.startswith(("variant", "epoch", "train")) else "right",

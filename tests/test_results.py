@@ -256,3 +256,30 @@ def test_the_readme_sweep_paragraph_is_the_committed_sweep():
     assert all(error("batch", s, precise)["max"] < min(error("layer", s)["min"], error("group", s)["min"])
                for s in larger if s >= 8)  # the best of the three from batch 8 up
     assert f"batch 2 stays at {error('batch', 2, precise)['mean']:.2f}%" in paragraph
+
+
+def test_the_readmes_results_command_reuses_the_committed_runs(tmp_path, monkeypatch):
+    """The command under the README's results table, on a copy of the committed runs: every run is
+    reused (none retrains: the stored configs are what the command asks for) and the table it
+    prints has the README's numbers."""
+    import shutil
+
+    import keras
+    from typer.testing import CliRunner
+
+    from normtf.cli import app
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"normtf (compare --norm batch-l1 [^\n`]*--seeds 3 --runs-dir results/reference[^\n`]*)", readme)
+    args = command.group(1).split()
+    runs = tmp_path / "results" / "reference"
+    shutil.copytree(REFERENCE, runs, ignore=shutil.ignore_patterns("fashion-mnist"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("a committed run was trained again"))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for norm in ("batch-l1", "layer", "group"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{norm}` | reference |"))
+        mean, each = [c.strip() for c in row.strip("|").split("|")][4:6]
+        assert mean.replace(" ", "") in result.output.replace(" ", ""), (norm, mean)
+    assert (tmp_path / "img" / "seeds" / "loss_accuracy.png").exists()

@@ -201,7 +201,7 @@ def test_the_table_has_mean_std_and_each_seed_and_a_precise_column(swept):
         each = " ".join(f"{r['test_error_percent']:.2f}" for r in summary["rows"]
                         if (r["norm"], r["batch_size"]) == (point["norm"], point["batch_size"]))
         assert f"{stats['mean']:.2f} ± {stats['std']:.2f}" in text and each in text
-    header = next(line for line in lines if "batch size" in line)
+    header = next(line for line in lines if "size" in line)  # "batch size" in two lines: the table fits 80 columns
     assert header.index("batch") < header.index("group")
 
 
@@ -232,3 +232,10 @@ def test_seeds_through_the_command(swept):
     assert "[default: 3]" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["sweep", "--seeds", "42", "--out", str(tmp / "no.json")])
     assert result.exit_code == 2 and "is a count" in result.output and not (tmp / "no.json").exists()
+
+
+def test_the_committed_sweeps_table_fits_80_columns():
+    summary = json.loads((Path(__file__).parent.parent / "results" / "sweep.json").read_text())
+    lines = table_text(summary, width=80)
+    assert max(map(len, lines)) <= 80 and "…" not in "".join(lines)
+    assert "10.35 ± 1.78" in "".join(lines) and "9.54 9.12 12.39" in "".join(lines)  # a seed's values on one line
