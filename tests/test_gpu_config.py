@@ -43,7 +43,8 @@ class Steps(keras.callbacks.Callback):
         self.seen.append((batch, float(logs["loss"])))
 
 
-@pytest.mark.parametrize("norm", list(NORMS))
+# group: through the command line, below (test_the_documented_command_line_is_these_flags_and_trains)
+@pytest.mark.parametrize("norm", [norm for norm in NORMS if norm != "group"])
 def test_every_variant_trains_and_evaluates_in_the_gpu_configuration(norm, tmp_path, dataset):
     steps = Steps()
     result = train(TrainConfig(norm=norm, epochs=2, **GPU), tmp_path, dataset=dataset, callbacks=[steps])
@@ -103,3 +104,36 @@ def test_sigkill_then_rerun_in_the_gpu_configuration_ends_with_every_epoch_once(
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert [r["epoch"] for r in run.read_history()] == [1, 2]
     assert run.read_metrics()["status"] == "finished"
+
+
+def test_the_documented_command_line_is_these_flags_and_trains(tmp_path):
+    """docs/how-it-works.md's GPU command, as typed (plus --runs-dir): the same flags as above,
+    through the command line, and the run records what it asked for."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from normtf.cli import app
+
+    docs = (Path(__file__).parent.parent / "docs" / "how-it-works.md").read_text()
+    typed = docs.split("## On a GPU")[1].split("```bash")[1].split("```")[0].replace("\\\n", " ").split()
+    assert typed[:4] == ["normtf", "train", "--norm", "group"]
+    flags = typed[4:]
+    assert dict(zip(flags[::2], flags[1::2])) == {**dict(zip(GPU_FLAGS[::2], GPU_FLAGS[1::2])), "--epochs": "2"}
+    result = CliRunner().invoke(app, [*typed[1:], "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "group" / "config.json").read_text())
+    assert stored["environment"]["jit_compile"] is True and stored["environment"]["precision"] == "mixed_float16"
+    assert stored["steps_per_execution"] == STEPS
+    assert [r["epoch"] for r in RunDir(tmp_path / "group").read_history()] == [1, 2]
+    metrics = RunDir(tmp_path / "group").read_metrics()
+    assert metrics["status"] == "finished" and metrics["final_test_accuracy"] > 0.2  # chance is 0.1
+
+
+def test_a_gpu_runs_the_largest_divisor_of_an_epochs_steps_up_to_32_per_call():
+    """The docs' example: the reference recipe's 469 steps an epoch (7 x 67) go 7 at a time on a GPU, one at a time on CPU."""
+    from normtf.training import Device, execution_steps
+
+    gpu, cpu = Device("GPU:0", "mixed_float16", True), Device("CPU:0", "float32", False)
+    assert execution_steps(469, gpu) == 7 and execution_steps(469, cpu) == 1
+    assert execution_steps(468, gpu) == 26 and execution_steps(8, gpu, requested=4) == 4
