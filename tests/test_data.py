@@ -262,7 +262,7 @@ def test_a_data_dir_of_the_four_gz_files_is_used_as_they_are(mnist_dir, tmp_path
     from normtf.cli import app
 
     for name in data.IDX_NAMES:
-        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((mnist_dir / name).read_bytes()))
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((mnist_dir / name).read_bytes(), compresslevel=1))
     result = CliRunner().invoke(app, ["data", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert str(tmp_path) in "".join(result.output.split()) and "warning" not in result.output
