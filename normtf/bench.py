@@ -203,8 +203,9 @@ def format_table(result: dict) -> Table:
         f"({floor:.2f} s): 60,000 images at the windows' rate; train epoch: the last of "
         f"{settings.get('train_epochs') or TRAIN_EPOCHS} epochs of `normtf train`, test-set evaluation included"
         + ("" if settings.get("train_epochs") else " (not measured in this run)")))
+    theirs = "Keras's" if against and against != "reference" else "PyTorch"
     # Two-line headers and console.COMPACT: the table fits 80 columns.
-    for column in ["variant", "normtf\nimg/s", ("Keras's" if against and against != "reference" else "PyTorch") + "\nimg/s", "ratio", "peak RSS\nMiB", "eval 10k\ns",
+    for column in ["variant", "normtf\nimg/s", f"{theirs}\nimg/s", "ratio", "peak RSS\nMiB", "eval 10k\ns",
                    "epoch vs\nFLOP floor", "train\nepoch"]:
         table.add_column(column, justify="left" if column.startswith(("variant", "epoch", "train")) else "right",
                          no_wrap=True)

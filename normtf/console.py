@@ -23,8 +23,8 @@ def percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-# Tables that fit an 80-column terminal: no vertical rules, one space between columns, and the
-# names and single numbers never wrapped (a mean ± std may break at its spaces).
+# Tables that fit an 80-column terminal: no vertical rules and one space between columns; each
+# table keeps its names and numbers from wrapping (no_wrap, min_width) and breaks lines itself.
 COMPACT = dict(box=box.SIMPLE_HEAD, padding=0, show_edge=False)
 
 
