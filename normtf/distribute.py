@@ -88,8 +88,6 @@ def copy_chief_state(strategy: tf.distribute.Strategy, model: keras.Model, epoch
     if workers(strategy) == 1 or epochs_done == 0:
         return
     with strategy.scope():
-        if not model.optimizer.built:  # the chief built it to load its checkpoint
-            model.optimizer.build(model.trainable_variables)
         for variable in [*model.weights, *model.optimizer.variables]:
             variable.assign(_from_chief(strategy, variable.value))
 

@@ -152,6 +152,9 @@ def prepare(config: TrainConfig, steps_per_epoch: int = 1) -> tuple[keras.Model,
         model = build_model(config.norm, config)  # a bad --groups fails here, before any training
         compile_model(model, config, device.jit, execution_steps(steps_per_epoch, device, config.steps_per_execution),
                       steps_per_epoch)
+        # Now, not in the first step: variables made while tf.function traces that step make it
+        # trace (and under XLA compile) the whole step a second time.
+        model.optimizer.build(model.trainable_variables)
     if config.strategy == "multi-worker":
         distribute.work_around_keras(model)  # keras#20585, tensorflow#72388
     return model, device, strategy
@@ -359,8 +362,6 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
                                 "test_images": len(test_idx), "trainable_params": trainable_params(model),
                                 "steps_per_execution": model.steps_per_execution})
         if history:
-            with strategy.scope():
-                model.optimizer.build(model.trainable_variables)
             # Outside the scope: loading creates throwaway Keras objects, whose variables would be
             # collective ops under a multi-worker strategy that the other workers never join.
             model.load_weights(run.checkpoint(len(history)))

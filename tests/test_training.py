@@ -23,25 +23,25 @@ TINY = dict(epochs=1, train_size=1000, test_size=500)
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, dataset):
-    """batch-l1 and group, 2 epochs on a 20,000-image subset, tested on all 10,000 test images."""
+    """batch-l1 and group, 2 epochs on a 10,000-image subset, tested on all 10,000 test images."""
     runs = tmp_path_factory.mktemp("runs")
-    results = study.compare(["batch-l1", "group"], TrainConfig(epochs=2, train_size=20000), runs)
+    results = study.compare(["batch-l1", "group"], TrainConfig(epochs=2, train_size=10000), runs)
     return runs, {r.config.norm: r for r in results}
 
 
 @pytest.mark.parametrize("norm", ["batch-l1", "group"])
-def test_two_epochs_on_20k_images_reach_92_percent(trained, norm):
+def test_two_epochs_on_10k_images_reach_80_percent(trained, norm):
     result = trained[1][norm]
     assert [r["epoch"] for r in result.history] == [1, 2]
-    # Measured on 2 CPU cores: batch-l1 92.98% (the same at the previous commit), group above it.
-    assert result.metrics["final_test_accuracy"] >= 0.92
+    # Measured on 2 CPU cores: batch-l1 88.49%, group 84.18% (chance is 10%).
+    assert result.metrics["final_test_accuracy"] >= 0.80
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
 
 
 def test_a_run_records_config_history_metrics_and_model(trained, dataset):
     run = trained[1]["batch-l1"].run
     stored = json.loads(run.config.read_text())
-    assert stored["config"]["norm"] == "batch-l1" and stored["config"]["train_size"] == 20000
+    assert stored["config"]["norm"] == "batch-l1" and stored["config"]["train_size"] == 10000
     assert {"tensorflow", "keras", "numpy", "python", "device", "precision"} <= set(stored["environment"])
     assert stored["environment"]["precision"] == "float32" and stored["environment"]["jit_compile"] is False
     assert stored["trainable_params"] == 9910
@@ -140,6 +140,16 @@ def test_non_finite_loss_stops_the_run_and_marks_it_failed(dataset, tmp_path):
     assert "loss became" in failure["reason"] and not result.run.model.exists()
     assert result.run.status(result.config) == "failed"
     assert study.draw_curves([result], tmp_path / "curves.png") is None  # never drawn as a curve
+
+
+def test_a_run_traces_its_training_step_once(dataset, tmp_path, monkeypatch):
+    """The optimizer is built before fit: its variables, made inside the first trace, would make
+    TensorFlow trace (and under XLA compile) the whole training step a second time."""
+    traced = []
+    step = keras.Model.train_step
+    monkeypatch.setattr(keras.Model, "train_step", lambda self, batch: traced.append(1) or step(self, batch))
+    train(TrainConfig(norm="group", **TINY), tmp_path, dataset=dataset)
+    assert len(traced) == 1
 
 
 def test_a_run_directory_is_locked_against_a_second_trainer(dataset, tmp_path):
