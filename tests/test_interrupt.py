@@ -19,9 +19,12 @@ ARGS = ["--norm", "group", "--epochs", "3", "--train-size", "6000", "--test-size
 
 def start(runs_dir, command="train"):
     where = ["--runs-dir", str(runs_dir)] + (["--img-dir", str(runs_dir / "img")] if command == "compare" else [])
+    # Ctrl-C as in a terminal: a suite started in the background (`nohup pytest &`) hands its
+    # children SIGINT ignored, and normtf rightly keeps ignoring it then.
     return subprocess.Popen([sys.executable, "-m", "normtf", command, *ARGS, *where],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_epochs(run: RunDir, count: int, process, timeout=180):
