@@ -153,7 +153,7 @@ def prepare(config: TrainConfig, steps_per_epoch: int = 1) -> tuple[keras.Model,
         compile_model(model, config, device.jit, execution_steps(steps_per_epoch, device, config.steps_per_execution),
                       steps_per_epoch)
         # Now, not in the first step: variables made while tf.function traces that step make it
-        # trace (and under XLA compile) the whole step a second time.
+        # trace the whole step a second time (tests/test_training.py counts the traces).
         model.optimizer.build(model.trainable_variables)
     if config.strategy == "multi-worker":
         distribute.work_around_keras(model)  # keras#20585, tensorflow#72388
