@@ -1,6 +1,12 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One TensorFlow thread per pool, here and in every normtf process a test starts (they inherit the
+# environment): the suite runs two test processes on CI's two cores, and each TensorFlow sizing its
+# pools to both cores made four busy threads spin for two cores. test_training.py with
+# test_interrupt.py took 263 s before, 234 s so. (`normtf --threads` is tested on its own.)
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -11,9 +17,9 @@ from normtf import data  # noqa: E402
 # Files that train models, longest first: pytest-xdist hands out whole files (--dist loadfile) in
 # collection order, so starting with the long ones keeps both workers busy to the end (longest
 # first), instead of one training file running alone after the other worker has finished.
-LONGEST_FIRST = ["test_training.py", "test_cli.py", "test_distributed.py", "test_gpu_config.py", "test_interrupt.py",
-                 "test_model_files.py", "test_sweep.py", "test_tensorboard.py", "test_fashion.py", "test_results.py",
-                 "test_evaluate.py", "test_bad_values.py"]
+LONGEST_FIRST = ["test_distributed.py", "test_gpu_config.py", "test_training.py", "test_cli.py", "test_interrupt.py",
+                 "test_bench.py", "test_model_files.py", "test_results.py", "test_sweep.py", "test_evaluate.py",
+                 "test_explain.py", "test_fashion.py", "test_tensorboard.py", "test_bad_values.py"]
 
 
 def pytest_collection_modifyitems(items):

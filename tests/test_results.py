@@ -49,14 +49,9 @@ def test_readme_numbers_are_the_committed_ones(norm):
 
 
 @pytest.mark.parametrize("norm", RUNS)
-def test_committed_model_re_evaluates_to_its_metrics(norm, dataset):
-    run = RunDir(REFERENCE / norm / SEED)
-    metrics = run.read_metrics()
-    config = json.loads(run.config.read_text())
+def test_committed_reference_runs_are_20_epochs_of_full_mnist(norm):
+    config = json.loads(RunDir(REFERENCE / norm / SEED).config.read_text())
     assert config["config"]["epochs"] == 20 and config["train_images"] == 60000 and config["test_images"] == 10000
-    evaluation = evaluate_file(run.model, dataset)
-    assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)
-    assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
 
 
 NORMALIZATION = {"mnist": {"mean": 0.1307, "std": 0.3081}, "fashion-mnist": {"mean": 0.286, "std": 0.353}}
@@ -121,16 +116,15 @@ TUNED = sorted(RECIPE_DIRS["tuned"].glob("*/seed-*")) if RECIPE_DIRS["tuned"].is
 
 
 @pytest.mark.parametrize("path", TUNED, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_tuned_runs_are_the_tuned_recipe_on_full_mnist_and_re_evaluate(path, dataset):
+def test_tuned_runs_are_the_tuned_recipe_on_full_mnist(path):
     run = RunDir(path)
     stored = json.loads(run.config.read_text())
     expected = relevant(recipe("tuned").replace(norm=path.parent.name, seed=int(path.name[5:])))
     assert TrainConfig.from_dict(stored["config"]) == expected
     assert stored["train_images"] == 60000 and stored["test_images"] == 10000
     metrics = run.read_metrics()
-    assert metrics["trainable_params"] <= 10_000
-    evaluation = evaluate_file(run.model, dataset)
-    assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)
+    assert metrics["status"] == "finished" and metrics["trainable_params"] <= 10_000
+    assert metrics["final_test_accuracy"] == run.read_history()[-1]["test_accuracy"]
 
 
 def readme_table(header: list[str]) -> dict[str, list[str]]:
@@ -190,7 +184,7 @@ FASHION = sorted(path for directory in RECIPE_DIRS.values() for path in director
 
 
 @pytest.mark.parametrize("path", FASHION, ids=lambda p: f"{p.parents[2].name}/{p.parent.name}/{p.name}")
-def test_fashion_runs_are_their_recipe_on_full_fashion_mnist_and_re_evaluate(path, fashion):
+def test_fashion_runs_are_their_recipe_on_full_fashion_mnist(path):
     run = RunDir(path)
     stored = json.loads(run.config.read_text())
     name = path.parents[2].name  # reference or tuned
@@ -199,7 +193,20 @@ def test_fashion_runs_are_their_recipe_on_full_fashion_mnist_and_re_evaluate(pat
     assert stored["train_images"] == 60000 and stored["test_images"] == 10000
     metrics = run.read_metrics()
     assert metrics["status"] == "finished"
-    evaluation = evaluate_file(run.model, fashion)
+    assert metrics["final_test_accuracy"] == run.read_history()[-1]["test_accuracy"]
+
+
+# Every seed-42 model of every table re-evaluates to its stored result; seeds 43 and 44 are
+# checked by their files as above (all 38 committed models took 250 s of the suite's 2 cores: over a sixth of it).
+REEVALUATED = [path for path in [*(REFERENCE / norm / SEED for norm in RUNS), *TUNED, *FASHION] if path.name == SEED]
+
+
+@pytest.mark.parametrize("path", REEVALUATED, ids=lambda p: str(p.relative_to(ROOT / "results")))
+def test_committed_seed_42_models_re_evaluate_to_their_metrics(path, dataset, fashion):
+    run = RunDir(path)
+    metrics = run.read_metrics()
+    on = fashion if run.stored_config().dataset == "fashion-mnist" else dataset
+    evaluation = evaluate_file(run.model, on)
     assert evaluation.correct == round(metrics["final_test_accuracy"] * 10000)
     assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
 
