@@ -6,7 +6,6 @@ these tests; they show that every layer of ours compiles and trains that way."""
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
