@@ -197,7 +197,7 @@ def test_fashion_runs_are_their_recipe_on_full_fashion_mnist(path):
 
 
 # Every seed-42 model of every table re-evaluates to its stored result; seeds 43 and 44 are
-# checked by their files as above (all 38 committed models took 250 s of the suite's 2 cores: over a sixth of it).
+# checked by their files as above (all 38 took about 250 s of the two cores' time: a tenth of the suite's).
 REEVALUATED = [path for path in [*(REFERENCE / norm / SEED for norm in RUNS), *TUNED, *FASHION] if path.name == SEED]
 
 
