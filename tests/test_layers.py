@@ -130,12 +130,68 @@ def test_dropout_drops_its_rate_and_keeps_the_mean(activations):
     layer = ours.Dropout(0.1, seed=3)
     x = tf.ones((128, 24, 24, 28))
     y = layer(x, training=True).numpy()
-    kept_scale = 2**16 / (2**16 - round(0.1 * 2**16))
+    kept_scale = 2**32 / (2**32 - round(0.1 * 2**32))
     assert set(np.unique(y)) == {0.0, np.float32(kept_scale)}
     dropped = (y == 0).mean()
     assert abs(dropped - 0.1) < 4 * np.sqrt(0.1 * 0.9 / y.size)  # within 4 sigma of the rate
     assert abs(y.mean() - 1.0) < 4 * kept_scale * np.sqrt(0.1 * 0.9 / y.size)
     np.testing.assert_array_equal(layer(activations, training=False), activations)  # inference: identity
+
+
+def _bits(seed, shape=(64, 24, 24, 28)):
+    return ours._random_bits(tf.constant(shape), tf.constant(seed, tf.int32)).numpy()
+
+
+def test_random_bits_are_uniform_in_every_byte():
+    """The mask's 32 bits per element: each of the four bytes takes its 256 values equally often
+    (chi-square, 255 degrees of freedom: mean 255, sd 22.6; 400 is beyond 6 sd)."""
+    bits = _bits([12345, 678])
+    assert bits.dtype == np.uint32
+    for byte in range(4):
+        counts = np.bincount(((bits >> (8 * byte)) & 255).ravel(), minlength=256)
+        expected = bits.size / 256
+        assert ((counts - expected) ** 2 / expected).sum() < 400, byte
+
+
+def _correlation(a, b):
+    """Correlation of two drop masks (10% drop), and 5 standard errors of it under independence."""
+    a, b = (a.ravel() < 0.1 * 2**32).astype(np.float64), (b.ravel() < 0.1 * 2**32).astype(np.float64)
+    return np.corrcoef(a, b)[0, 1], 5 / np.sqrt(a.size)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, 3], ids=["sample", "row", "column", "channel"])
+def test_random_bits_of_neighbours_are_independent(axis):
+    """Neighbouring elements along every axis (consecutive indices for the channels, a row or a
+    sample apart for the others) are dropped independently, and so are the low bits."""
+    bits = _bits([2024, 11])
+    head = np.take(bits, range(bits.shape[axis] - 1), axis=axis)
+    tail = np.take(bits, range(1, bits.shape[axis]), axis=axis)
+    r, bound = _correlation(head, tail)
+    assert abs(r) < bound
+    r, bound = _correlation((head & 0xFFFF) << 16, (tail & 0xFFFF) << 16)
+    assert abs(r) < bound
+
+
+@pytest.mark.parametrize("other", [[7, 8], [8, 9], [2**31 - 2, 9], [7, 2**31 - 2]],
+                         ids=["word0+1", "word1+1", "word0-max", "word1-max"])
+def test_random_bits_of_seeds_differing_in_one_word_are_independent(other):
+    """Both seed words reach every element: seeds one apart in either word (what successive
+    draws of a seed generator are not, but the worst case) give uncorrelated masks."""
+    base = _bits([7, 9])
+    changed = _bits(other)
+    assert np.mean(base == changed) < 1e-4
+    r, bound = _correlation(base, changed)
+    assert abs(r) < bound
+
+
+def test_dropout_masks_of_successive_steps_are_independent():
+    """A dropout layer draws new seed words each call, as Keras's does: consecutive masks of one
+    layer are uncorrelated."""
+    layer = ours.Dropout(0.1, seed=3)
+    x = tf.ones((64, 24, 24, 28))
+    first, second = (layer(x, training=True).numpy() == 0 for _ in range(2))
+    r = np.corrcoef(first.ravel(), second.ravel())[0, 1]
+    assert abs(r) < 5 / np.sqrt(first.size)
 
 
 def test_dropout_gradient_is_the_mask():
