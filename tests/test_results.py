@@ -180,6 +180,28 @@ def test_readme_table_of_three_benchmark_runs_is_the_committed_runs():
             f"{min(evals):.2f}–{max(evals):.2f}"]
 
 
+DROPOUT_CHECKS = ROOT / "results" / "checks" / "dropout-hash"
+
+
+def test_dropout_check_table_is_the_committed_runs():
+    """docs/speed.md's 20-epoch runs with the hashed dropout mask, beside the committed seeds."""
+    rows = {name.strip("`"): cells for name, cells in readme_table(["variant", "final test acc (%), hashed mask"]).items()}
+    assert sorted(rows) == sorted(p.name for p in DROPOUT_CHECKS.iterdir()) == sorted(NORMS)
+    pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    for norm, cells in rows.items():
+        run = RunDir(DROPOUT_CHECKS / norm)
+        stored = json.loads(run.config.read_text())
+        assert TrainConfig.from_dict(stored["config"]) == relevant(recipe("reference").replace(norm=norm))
+        assert stored["train_images"] == 60000 and stored["test_images"] == 10000
+        metrics, history = run.read_metrics(), run.read_history()
+        assert metrics["status"] == "finished" and len(history) == 20
+        seeds = sorted(REFERENCE.glob(f"{norm}/seed-*"))
+        finals = [RunDir(path).read_metrics()["final_test_accuracy"] for path in seeds]
+        best_epoch = next(r["epoch"] for r in history if r["test_accuracy"] == metrics["best_test_accuracy"])
+        assert cells[1:] == [pct(metrics["final_test_accuracy"]), f"{pct(metrics['best_test_accuracy'])} ({best_epoch})",
+                             ", ".join(pct(f) for f in finals), ", ".join(path.name[5:] for path in seeds)]
+
+
 FASHION = sorted(path for directory in RECIPE_DIRS.values() for path in directory.glob("fashion-mnist/*/seed-*"))
 
 
