@@ -200,6 +200,9 @@ def test_dropout_check_table_is_the_committed_runs():
         best_epoch = next(r["epoch"] for r in history if r["test_accuracy"] == metrics["best_test_accuracy"])
         assert cells[1:] == [pct(metrics["final_test_accuracy"]), f"{pct(metrics['best_test_accuracy'])} ({best_epoch})",
                              ", ".join(pct(f) for f in finals), ", ".join(path.name[5:] for path in seeds)]
+    results = " ".join((ROOT / "docs" / "results.md").read_text().split())
+    finals = ", ".join(f"{cells[1]}% (`{norm}`)" for norm, cells in rows.items()).rsplit(", ", 1)
+    assert f"retrained with it end at {finals[0]} and {finals[1]}" in results
 
 
 FASHION = sorted(path for directory in RECIPE_DIRS.values() for path in directory.glob("fashion-mnist/*/seed-*"))
