@@ -229,9 +229,10 @@ class _Worker:
     """One measurement process. It runs each timed phase only when told to (run_window), so that
     the parent can keep every other worker idle meanwhile, and prints its result as JSON last."""
 
-    def __init__(self, kind: str, **spec):
+    def __init__(self, kind: str, command: list[str] | None = None, **spec):
+        """command: run this instead of the worker of `kind` (tests: a worker of known output)."""
         self.kind, self.output, self.ready = kind, [], False
-        command = [sys.executable, "-m", "normtf.bench", "--worker", json.dumps({"kind": kind, **spec})]
+        command = command or [sys.executable, "-m", "normtf.bench", "--worker", json.dumps({"kind": kind, **spec})]
         package_root = str(Path(__file__).resolve().parent.parent)  # found even when normtf is not installed
         path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -255,8 +256,13 @@ class _Worker:
         self.ready = False
 
     def result(self) -> dict:
-        out, _ = self.proc.communicate()
-        self.output += out.splitlines()
+        # The rest of stdout through the same reader as _read_until, not communicate(): that reads
+        # the pipe itself and misses lines the reader already holds (the result printed right
+        # after the last "done" often arrives with it).
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()  # a worker still at its gate exits
+        self.output += self.proc.stdout.read().splitlines()
+        self.proc.wait()
         try:
             result = json.loads(self.output[-1])
         except (IndexError, ValueError):

@@ -1,6 +1,7 @@
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,12 @@ def test_a_crashed_worker_reports_what_it_printed_to_stderr():
 
     with pytest.raises(NormtfError, match="failed \\(exit 1\\)(.|\\n)*KeyError: 'no-such-kind'"):
         bench._Worker("no-such-kind").result()
+
+
+def test_a_result_printed_with_the_last_done_is_not_lost():
+    """The PyTorch worker prints its result right after its last "done"; when both arrive in one
+    read, the line after "done" must still be found (`normtf bench --quick` failed with exit 0)."""
+    script = 'import sys; print("ready", flush=True); sys.stdin.readline(); sys.stdout.write("done\\n{\\"rate\\": 1}\\n")'
+    worker = bench._Worker("torch", command=[sys.executable, "-c", script])
+    worker.run_window()
+    assert worker.result() == {"rate": 1}
