@@ -146,7 +146,7 @@ def _summarize(ours: dict, theirs: dict | None, gflops: float) -> dict:
 # so that a bad value is refused before Keras loads (tests/test_bench.py keeps the two the same).
 AGAINST = {"reference": "the PyTorch reference", "keras-layers": "the same model with Keras's layers",
            **{f"keras-{name}": f"the same model with Keras's {name}" for name in
-              ("Conv2D", "Dropout", "BatchNormalization", "GroupNormalization", "LayerNormalization")}}
+              ("Dropout", "BatchNormalization", "GroupNormalization", "LayerNormalization")}}
 
 
 def _keras_layers(against: str) -> list[str] | bool:
@@ -317,7 +317,7 @@ def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int,
     """normtf's training step as `normtf train` runs it, then `evals` timed 10k-image evaluations.
     gate() is called before each timed phase (windows, evaluations) and done() after it.
     keras_layers: the same model, compiled the same way, with Keras's layers in place of normtf's
-    (True: all of them; a list: those classes, e.g. ["Conv2D"]).
+    (True: all of them; a list: those classes, e.g. ["Dropout"]).
 
     The timing callback sees what `normtf train`'s own callbacks see, once per execution of
     `steps_per_execution` steps, so the timed loop is the one training runs."""

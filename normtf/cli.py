@@ -349,8 +349,8 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
           reference: Annotated[bool, typer.Option(help="Also time what normtf is compared with (--against).")] = True,
           against: Annotated[str, typer.Option(
               help="reference: the PyTorch reference loop (pip install 'normtf[bench]'); keras-layers: the same "
-                   "model built from Keras's own layers instead of normtf's faster ones; keras-Conv2D, "
-                   "keras-Dropout, keras-BatchNormalization, keras-GroupNormalization, keras-LayerNormalization: "
+                   "model built from Keras's own layers instead of normtf's faster ones; keras-Dropout, "
+                   "keras-BatchNormalization, keras-GroupNormalization, keras-LayerNormalization: "
                    "Keras's layer of that class only.")] = "reference",
           out: Annotated[Optional[Path], typer.Option(help="Where the results are written as JSON (default: "
                                                         "results/bench.json; with --against keras-…, "

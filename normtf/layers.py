@@ -77,18 +77,40 @@ def _keep_fn(shape, dtype, seed, threshold):
                     tf.constant(scale, dtype), tf.constant(0, dtype))
 
 
-_KEEP = []  # the XLA-compiled _keep_fn, made on first use (TensorFlow is imported lazily)
-
-
 def _keep(shape, dtype, seed, threshold):
     """_keep_fn in one XLA-compiled call: the hash, compare and select fuse into one loop that
-    writes the mask. Compiled per shape, dtype and threshold; inside a trace XLA already
-    compiles, it is inlined there."""
-    if not _KEEP:
+    writes the mask. Compiled per shape, dtype and threshold."""
+    return _xla(_keep_fn)(shape, dtype, seed, threshold)
+
+
+_XLA = {}  # element-wise functions compiled by XLA, made on first use (TensorFlow is imported lazily)
+
+
+def _xla(fn):
+    """fn as one XLA-compiled call (TensorFlow only). XLA writes an element-wise expression in one
+    loop over the elements where TensorFlow makes one pass per operation; on this CPU, reductions
+    are what XLA does slowly, so only element-wise work goes through here. Inside a trace that XLA
+    already compiles, the call is inlined there."""
+    if fn not in _XLA:
         import tensorflow as tf
 
-        _KEEP.append(tf.function(_keep_fn, jit_compile=True, autograph=False, reduce_retracing=False))
-    return _KEEP[0](shape, dtype, seed, threshold)
+        _XLA[fn] = tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=False)
+    return _XLA[fn]
+
+
+def _scale_shift(centered, a, beta):
+    return centered * a + beta
+
+
+def _centered_grad(dy, centered, a, c_centered, c):
+    return dy * a - centered * c_centered - c
+
+
+def _elementwise(fn, *args):
+    """fn(*args) for _normalize: one XLA call on TensorFlow (block 2's backward expression took
+    0.93 against 2.3 ms as TensorFlow's four ops, the forward one 0.85 against 1.6), the ops as
+    they are on other backends."""
+    return _xla(fn)(*args) if keras.backend.backend() == "tensorflow" else fn(*args)
 
 
 def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
@@ -142,13 +164,14 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
         # The gradient with respect to `centered` is the full normalization gradient with respect
         # to x: mean and variance are constants above (stop_gradient); their dependence on x is here.
         a = gamma * inv
-        out = centered * a + beta
+        out = _elementwise(_scale_shift, centered, a, beta)
 
         def grad(*args, upstream=None):
             dy = upstream if upstream is not None else args[0]
             s1 = sum_over_pixels(dy)
             s2 = sum_over_pixels(dy * centered)
-            d_centered = dy * a - centered * (inv**3 * group_mean(gamma * s2)) - inv * group_mean(gamma * s1)
+            d_centered = _elementwise(_centered_grad, dy, centered, a, inv**3 * group_mean(gamma * s2),
+                                      inv * group_mean(gamma * s1))
             return d_centered, ops.sum(s2 * inv, axis=(0, 1)), ops.sum(s1, axis=(0, 1))
 
         return out, grad
@@ -182,66 +205,6 @@ def _compiled_by_xla() -> bool:
     except ImportError:
         return True
     return not tf.executing_eagerly() and GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-CORRELATION_MIN_PIXELS = 400  # output maps from 20x20 up take the kernel gradient as a correlation
-
-
-@keras.saving.register_keras_serializable(package="normtf")
-class Conv2D(keras.layers.Conv2D):
-    """keras.layers.Conv2D with a faster backward pass on CPU; the forward pass is Keras's own op,
-    so outputs, evaluation and saved files are the same (other backends, XLA traces and the options
-    the study does not use are Keras's own throughout).
-
-    TensorFlow's kernel-gradient op (Conv2DBackpropFilter) is the slowest part of a step here: it
-    ran block 2's product at two thirds of the forward pass's rate. The same sums, as what they
-    are: the kernel gradient is the correlation of the input with the output gradient, summed over
-    the batch. With the batch as the channels of that correlation (input (C_in, H, W, N), the
-    output gradient as a (H', W', N, C_out) filter), TensorFlow's forward convolution computes it,
-    transposes included, in 3.8-4.1 against 5.4-7.6 ms for block 1 and 30-31 against 34-35 ms for
-    block 2 (batch 128, one thread). On maps smaller than 20x20 (blocks 3-6) it was no faster and
-    they keep TensorFlow's op. A 1x1 convolution is a matrix product over the pixels, and so are its
-    two gradients: 4.8-5.2 against 8.4-8.7 ms for the transition's backward pass."""
-
-    def convolution_op(self, inputs, kernel):
-        if not self._ours(inputs):
-            return super().convolution_op(inputs, kernel)
-        import tensorflow as tf
-
-        forward = super().convolution_op
-        channels_in, channels_out = kernel.shape[2], kernel.shape[3]
-        pointwise = tuple(self.kernel_size) == (1, 1)
-        pixels = math.prod(self.compute_output_shape(inputs.shape)[1:3])
-        half = self.kernel_size[0] // 2  # 'same' pads this much on every side (odd square kernels only)
-
-        @tf.custom_gradient
-        def convolution(x, w):
-            def grad(dy):
-                if pointwise:
-                    rows = tf.reshape(dy, (-1, channels_out))
-                    dx = tf.reshape(tf.matmul(rows, tf.reshape(w, (channels_in, channels_out)), transpose_b=True), tf.shape(x))
-                    dw = tf.matmul(tf.reshape(x, (-1, channels_in)), rows, transpose_a=True)
-                    return dx, tf.reshape(dw, tf.shape(w))
-                dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=w, out_backprop=dy,
-                                                    strides=[1, 1, 1, 1], padding=self.padding.upper())
-                if pixels < CORRELATION_MIN_PIXELS:
-                    dw = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(w), out_backprop=dy,
-                                                         strides=[1, 1, 1, 1], padding=self.padding.upper())
-                    return dx, dw
-                padded = x if self.padding == "valid" else tf.pad(x, [[0, 0], [half, half], [half, half], [0, 0]])
-                dw = tf.nn.conv2d(tf.transpose(padded, (3, 1, 2, 0)), tf.transpose(dy, (1, 2, 0, 3)), 1, "VALID")
-                return dx, tf.transpose(dw, (1, 2, 0, 3))  # (C_in, kh, kw, C_out) -> the kernel's layout
-
-            return forward(x, w), grad
-
-        return convolution(inputs, ops.cast(kernel, self.compute_dtype))  # a tensor: the gradient reaches the variable through the cast
-
-    def _ours(self, inputs) -> bool:
-        square_odd = self.kernel_size[0] == self.kernel_size[1] and self.kernel_size[0] % 2 == 1
-        return (keras.backend.backend() == "tensorflow" and not _compiled_by_xla() and len(inputs.shape) == 4
-                and None not in inputs.shape[1:] and self.data_format == "channels_last" and tuple(self.strides) == (1, 1)
-                and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
-                and (self.padding == "valid" or (self.padding == "same" and square_odd)))
 
 
 @keras.saving.register_keras_serializable(package="normtf")
@@ -322,7 +285,7 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
 # Model files: normtf's layers are a training detail. A saved model.keras names Keras's own classes,
 # so any Keras 3 loads it without normtf (safe mode included), with the same config and weights.
-OURS = {cls.__name__: cls for cls in (Conv2D, Dropout, BatchNormalization, GroupNormalization, LayerNormalization)}
+OURS = {cls.__name__: cls for cls in (Dropout, BatchNormalization, GroupNormalization, LayerNormalization)}
 
 
 def save_model(model, path) -> None:
@@ -348,7 +311,8 @@ def with_keras_classes(path) -> bool:
             return 0
         count = sum(rename(value) for value in node.values())
         name = node.get("registered_name")
-        if isinstance(name, str) and name.startswith("normtf>") and name[len("normtf>"):] in OURS:
+        # any class Keras has, not only OURS: files of normtf 0.1 before 2026-11-27 also name its Conv2D
+        if isinstance(name, str) and name.startswith("normtf>") and hasattr(keras.layers, name[len("normtf>"):]):
             node.update(module="keras.layers", class_name=name[len("normtf>"):], registered_name=None)
             count += 1
         return count
@@ -382,7 +346,7 @@ def with_our_classes(model):
 def with_keras_layers(model, names=None):
     """The model with Keras's own layers in place of normtf's (all, or those of OURS's `names`),
     same config and weights: what normtf's layers are measured against (`normtf bench --against
-    keras-layers`, or keras-Conv2D etc. for one class)."""
+    keras-layers`, or keras-Dropout etc. for one class)."""
     return _clone_with(model, {cls: getattr(keras.layers, name) for name, cls in OURS.items()
                                if names is None or name in names})
 

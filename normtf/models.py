@@ -27,15 +27,14 @@ def build_model(norm: str, config: TrainConfig | None = None):
     import keras
     from keras import layers
 
-    from normtf.layers import Conv2D, Dropout
+    from normtf.layers import Dropout
 
     config = config or TrainConfig(norm=norm)
     spec = get_norm(norm)
     regularizer = keras.regularizers.L1(config.l1) if spec.l1 and config.l1 > 0 else None
 
     def conv(filters, kernel, padding, name):
-        return Conv2D(filters, kernel, padding=padding, use_bias=False,  # keras.layers.Conv2D, faster backward
-                      kernel_regularizer=regularizer, name=name)
+        return layers.Conv2D(filters, kernel, padding=padding, use_bias=False, kernel_regularizer=regularizer, name=name)
 
     model_layers = [keras.Input((28, 28, 1), name="image")]
     for i, (filters, kernel, padding) in enumerate(BLOCKS, start=1):

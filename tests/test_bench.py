@@ -58,7 +58,7 @@ def test_keras_layers_worker_times_the_model_built_from_keras_layers(monkeypatch
     result = bench.measure_normtf("group", steps=3, warmup=1, repeats=1, evals=1, keras_layers=True)
     assert result["images_per_second"][0] > 0 and result["eval_seconds"][0] > 0
     kinds = {type(layer) for layer in built[0].layers}
-    assert keras.layers.GroupNormalization in kinds and keras.layers.Conv2D in kinds
+    assert keras.layers.GroupNormalization in kinds and keras.layers.Dropout in kinds
     assert not any(cls.__module__.startswith("normtf") for cls in kinds)
 
 
@@ -68,10 +68,10 @@ def test_keras_layers_of_one_class_replace_only_that_class():
     from normtf import layers
     from normtf.models import build_model
 
-    assert bench._keras_layers("keras-Conv2D") == ["Conv2D"] and bench._keras_layers("keras-layers") is True
-    kinds = {type(layer) for layer in layers.with_keras_layers(build_model("group"), ["Conv2D"]).layers}
-    assert keras.layers.Conv2D in kinds and layers.GroupNormalization in kinds and layers.Dropout in kinds
-    assert layers.Conv2D not in kinds
+    assert bench._keras_layers("keras-Dropout") == ["Dropout"] and bench._keras_layers("keras-layers") is True
+    kinds = {type(layer) for layer in layers.with_keras_layers(build_model("group"), ["Dropout"]).layers}
+    assert keras.layers.Dropout in kinds and layers.GroupNormalization in kinds
+    assert layers.Dropout not in kinds
 
 
 def test_every_layer_of_ours_can_be_timed_against_keras_alone():
@@ -82,25 +82,25 @@ def test_every_layer_of_ours_can_be_timed_against_keras_alone():
 
 
 def test_bench_against_one_keras_class_runs_as_the_readme_says(tmp_path, monkeypatch):
-    """`normtf bench --against keras-Conv2D` through the command line, as a user types it (with fewer
+    """`normtf bench --against keras-Dropout` through the command line, as a user types it (with fewer
     steps): both workers run by turns, the table is printed, and the results go to
-    results/bench-keras-Conv2D.json, never over results/bench.json (the PyTorch comparison)."""
+    results/bench-keras-Dropout.json, never over results/bench.json (the PyTorch comparison)."""
     from typer.testing import CliRunner
 
     from normtf.cli import app
 
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["bench", "--quick", "--norm", "layer-c", "--against", "keras-Conv2D",
+    result = CliRunner().invoke(app, ["bench", "--quick", "--norm", "layer-c", "--against", "keras-Dropout",
                                       "--repeats", "1", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "results" / "bench.json").exists()
-    stored = json.loads((tmp_path / "results" / "bench-keras-Conv2D.json").read_text())
-    assert stored["settings"]["against"] == "keras-Conv2D" and stored["settings"]["train_epochs"] == 0
+    stored = json.loads((tmp_path / "results" / "bench-keras-Dropout.json").read_text())
+    assert stored["settings"]["against"] == "keras-Dropout" and stored["settings"]["train_epochs"] == 0
     variant = stored["variants"]["layer-c"]
     assert variant["ratio"] > 0 and variant["reference"]["images_per_second"] > 0
     assert variant["normtf"]["eval_seconds"] > 0 and variant["reference"]["eval_seconds"] > 0
     output = " ".join(result.output.split())
-    assert "with Keras's Conv2D" in output and "wrote results/bench-keras-Conv2D.json" in output
+    assert "with Keras's Dropout" in output and "wrote results/bench-keras-Dropout.json" in output
 
 
 def test_bench_without_pytorch_says_how_to_install_it_and_writes_nothing(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_bench_without_pytorch_says_how_to_install_it_and_writes_nothing(tmp_pat
 
 
 def test_an_unknown_comparison_is_a_usage_error_naming_the_choices():
-    with pytest.raises(bench.UsageError, match="keras-layers, keras-Conv2D"):
+    with pytest.raises(bench.UsageError, match="keras-layers, keras-Dropout, keras-BatchNormalization"):
         bench.run_benchmark(["group"], against="keras-conv", out=None)
 
 
