@@ -104,7 +104,7 @@ def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps
             variants[norm]["train"] = _summarize_epochs(train_epochs(norm), variants[norm]["floor_epoch_seconds"])
 
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
                     "python": platform.python_version(), "tensorflow": _version("tensorflow"),
                     "keras": _version("keras"), "torch": _version("torch"),
                     "load_average": load, "matmul_gflops": gflops},
@@ -181,6 +181,23 @@ def train_epochs(norm: str, epochs: int = TRAIN_EPOCHS, options: tuple[str, ...]
 
 def _summarize_epochs(seconds: list[float], floor: float) -> dict:
     return {"epoch_seconds_all": seconds, "epoch_seconds": seconds[-1], "epoch_vs_floor": seconds[-1] / floor}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name and widest vector extension, from /proc/cpuinfo (Linux; else what
+    platform says). Which kernels are fastest depends on it: a kernel gradient that was 10% faster
+    than TensorFlow's on one machine was 4x slower on an AVX-512 one (docs/speed.md)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    flags = fields.get("flags", "").split()
+    widest = next((f for f in ("amx_tile", "avx512f", "avx2", "avx") if f in flags), None)
+    return " ".join(filter(None, [fields.get("model name"), f"({widest})" if widest else None])) or None
 
 
 def _version(package: str) -> str | None:

@@ -106,6 +106,22 @@ def _centered_grad(dy, centered, a, c_centered, c):
     return dy * a - centered * c_centered - c
 
 
+def _layer_out(centered, inv, gamma, beta):  # LayerNormalization's output
+    return centered * inv * gamma + beta
+
+
+def _layer_products(dy, centered, inv, gamma):
+    """LayerNormalization's backward products, from one read of dy and centered: the gradient
+    with respect to the normalized values, and the two products the sums need."""
+    normalized = centered * inv
+    d_normalized = dy * gamma
+    return d_normalized, dy * normalized, d_normalized * normalized
+
+
+def _layer_centered_grad(d_normalized, centered, inv, mean_of_products, mean_of_d_normalized):
+    return inv * (d_normalized - centered * inv * mean_of_products - mean_of_d_normalized)
+
+
 def _elementwise(fn, *args):
     """fn(*args) for _normalize: one XLA call on TensorFlow (block 2's backward expression took
     0.93 against 2.3 ms as TensorFlow's four ops, the forward one 0.85 against 1.6), the ops as
@@ -268,15 +284,14 @@ class LayerNormalization(keras.layers.LayerNormalization):
 
         @ops.custom_gradient
         def normalize(centered, gamma, beta):
-            normalized = centered * inv
-            out = normalized * gamma + beta
+            out = _elementwise(_layer_out, centered, inv, gamma, beta)
 
             def grad(*args, upstream=None):
                 dy = upstream if upstream is not None else args[0]
-                d_normalized = dy * gamma
-                d_centered = (d_normalized * inv - normalized * (inv * row_mean(d_normalized * normalized))
-                              - inv * row_mean(d_normalized))
-                return d_centered, column_sum(dy * normalized), column_sum(dy)
+                d_normalized, d_gamma_terms, products = _elementwise(_layer_products, dy, centered, inv, gamma)
+                d_centered = _elementwise(_layer_centered_grad, d_normalized, centered, inv,
+                                          row_mean(products), row_mean(d_normalized))
+                return d_centered, column_sum(d_gamma_terms), column_sum(dy)
 
             return out, grad
 

@@ -223,3 +223,15 @@ def test_a_result_printed_with_the_last_done_is_not_lost():
     worker = bench._Worker("torch", command=[sys.executable, "-c", script])
     worker.run_window()
     assert worker.result() == {"rate": 1}
+
+
+def test_the_benchmark_records_which_cpu_it_ran_on():
+    """The same code's speed depends on the CPU (docs/speed.md: a kernel 10% faster on one machine
+    was 4x slower on another), so results name it: model name and widest vector extension."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+    if not names:
+        pytest.skip("/proc/cpuinfo names no model here")
+    assert bench.cpu_model().startswith(names[0])

@@ -180,16 +180,19 @@ def test_readme_table_of_three_benchmark_runs_is_the_committed_runs():
             f"{min(evals):.2f}–{max(evals):.2f}"]
 
 
-DROPOUT_CHECKS = ROOT / "results" / "checks" / "dropout-hash"
+# docs/speed.md's tables of 20-epoch seed-42 runs retrained after a change to the layers, beside
+# the committed seeds: results/checks/<name>/<variant>, and the table's second column header.
+CHECKS = {"dropout-hash": "final test acc (%), hashed mask", "xla-norm": "final test acc (%), this code"}
 
 
-def test_dropout_check_table_is_the_committed_runs():
-    """docs/speed.md's 20-epoch runs with the hashed dropout mask, beside the committed seeds."""
-    rows = {name.strip("`"): cells for name, cells in readme_table(["variant", "final test acc (%), hashed mask"]).items()}
-    assert sorted(rows) == sorted(p.name for p in DROPOUT_CHECKS.iterdir()) == sorted(NORMS)
+def check_rows(name: str) -> dict[str, list[str]]:
+    """The check table's rows, each checked against its committed run and the committed seeds."""
+    directory = ROOT / "results" / "checks" / name
+    rows = {norm.strip("`"): cells for norm, cells in readme_table(["variant", CHECKS[name]]).items()}
+    assert rows and sorted(rows) == sorted(p.name for p in directory.iterdir())
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     for norm, cells in rows.items():
-        run = RunDir(DROPOUT_CHECKS / norm)
+        run = RunDir(directory / norm)
         stored = json.loads(run.config.read_text())
         assert TrainConfig.from_dict(stored["config"]) == relevant(recipe("reference").replace(norm=norm))
         assert stored["train_images"] == 60000 and stored["test_images"] == 10000
@@ -200,6 +203,17 @@ def test_dropout_check_table_is_the_committed_runs():
         best_epoch = next(r["epoch"] for r in history if r["test_accuracy"] == metrics["best_test_accuracy"])
         assert cells[1:] == [pct(metrics["final_test_accuracy"]), f"{pct(metrics['best_test_accuracy'])} ({best_epoch})",
                              ", ".join(pct(f) for f in finals), ", ".join(path.name[5:] for path in seeds)]
+    return rows
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_check_tables_are_the_committed_runs(name):
+    check_rows(name)
+
+
+def test_results_names_the_dropout_checks():
+    rows = check_rows("dropout-hash")
+    assert sorted(rows) == sorted(NORMS)
     results = " ".join((ROOT / "docs" / "results.md").read_text().split())
     finals = ", ".join(f"{cells[1]}% (`{norm}`)" for norm, cells in rows.items()).rsplit(", ", 1)
     assert f"retrained with it end at {finals[0]} and {finals[1]}" in results
