@@ -35,6 +35,7 @@ from normtf.config import TrainConfig
 from normtf.console import COMPACT
 from normtf.errors import NormtfError, UsageError
 from normtf.files import write_json
+from normtf.runs import code_version
 
 EPOCH_IMAGES = 60_000  # one epoch of MNIST's training set
 # (warm-up steps, timed steps per repeat). Most of a worker's time is fixed (imports, tracing), so
@@ -104,6 +105,7 @@ def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps
             variants[norm]["train"] = _summarize_epochs(train_epochs(norm), variants[norm]["floor_epoch_seconds"])
 
     result = {
+        "normtf": code_version(),  # the code measured: a commit, and whether files differed from it
         "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
                     "python": platform.python_version(), "tensorflow": _version("tensorflow"),
                     "keras": _version("keras"), "torch": _version("torch"),

@@ -140,7 +140,8 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
     vector (1.6x as fast as reduce_sum for few channels), sums of squares one fused
     reduction, one group's statistics stay per-sample scalars (a (B, 1, 1) operand broadcasts over
     the activations at about half the cost of a (B, 1, C) one), and the backward pass is the
-    closed-form gradient: four passes over the activations each way. The variance is two-pass,
+    closed-form gradient, whose element-wise expression (like the output's) is one XLA loop
+    (_elementwise). The variance is two-pass,
     over x - mean: E[x^2] - E[x]^2 would save a pass but lost 1e-4 to cancellation in tests.
     Every sum is over one sample's pixels (at most H*W values); batch norm then adds the N
     partial sums. One float32 sum over all N*H*W values of a channel drifts with its length, as
@@ -326,7 +327,8 @@ def with_keras_classes(path) -> bool:
             return 0
         count = sum(rename(value) for value in node.values())
         name = node.get("registered_name")
-        # any class Keras has, not only OURS: files of normtf 0.1 before 2026-11-27 also name its Conv2D
+        # any class Keras has, not only OURS: a model built by normtf on 2026-11-26 and saved by
+        # model.save itself names normtf's Conv2D, a layer since removed
         if isinstance(name, str) and name.startswith("normtf>") and hasattr(keras.layers, name[len("normtf>"):]):
             node.update(module="keras.layers", class_name=name[len("normtf>"):], registered_name=None)
             count += 1

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import shutil
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,3 +187,23 @@ def summarize(records: list[dict]) -> dict:
 
 def is_finite(value) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def code_version() -> dict:
+    """Which normtf made a run: its version and, run from a git checkout, the commit and whether
+    tracked files had uncommitted changes (then the commit alone does not reproduce the run)."""
+    import normtf
+
+    record = {"version": normtf.__version__}
+    root = Path(normtf.__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=10)
+            if commit.returncode == 0 and status.returncode == 0:
+                record.update(commit=commit.stdout.strip(), uncommitted_changes=bool(status.stdout.strip()))
+        except (OSError, subprocess.TimeoutExpired):  # no git on this machine: the version is what we know
+            pass
+    return record

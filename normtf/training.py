@@ -8,7 +8,6 @@ import platform
 import re
 import shutil
 import signal
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from normtf.files import atomic_path, write_json
 from normtf.layers import save_model
 from normtf.models import build_model, trainable_params
 from normtf.norms import relevant
-from normtf.runs import RunDir, is_finite, summarize
+from normtf.runs import RunDir, code_version, is_finite, summarize
 
 EVAL_BATCH = 1000
 CPU_STEPS_PER_EXECUTION = 1
@@ -87,26 +86,6 @@ def environment(device: Device, strategy: tf.distribute.Strategy) -> dict:
         "numpy": np.__version__,
         "platform": platform.platform(),
     }
-
-
-def code_version() -> dict:
-    """Which normtf made a run: its version and, run from a git checkout, the commit and whether
-    tracked files had uncommitted changes (then the commit alone does not reproduce the run)."""
-    import normtf
-
-    record = {"version": normtf.__version__}
-    root = Path(normtf.__file__).resolve().parent.parent
-    if (root / ".git").exists():
-        try:
-            git = ["git", "-C", str(root)]
-            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-            status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, timeout=10)
-            if commit.returncode == 0 and status.returncode == 0:
-                record.update(commit=commit.stdout.strip(), uncommitted_changes=bool(status.stdout.strip()))
-        except (OSError, subprocess.TimeoutExpired):  # no git on this machine: the version is what we know
-            pass
-    return record
 
 
 def set_seed(seed: int) -> None:
