@@ -87,6 +87,7 @@ def test_bench_against_one_keras_class_runs_as_the_readme_says(tmp_path, monkeyp
     results/bench-keras-Dropout.json, never over results/bench.json (the PyTorch comparison)."""
     from typer.testing import CliRunner
 
+    import normtf
     from normtf.cli import app
 
     monkeypatch.chdir(tmp_path)
@@ -96,6 +97,7 @@ def test_bench_against_one_keras_class_runs_as_the_readme_says(tmp_path, monkeyp
     assert not (tmp_path / "results" / "bench.json").exists()
     stored = json.loads((tmp_path / "results" / "bench-keras-Dropout.json").read_text())
     assert stored["settings"]["against"] == "keras-Dropout" and stored["settings"]["train_epochs"] == 0
+    assert stored["normtf"]["version"] == normtf.__version__  # which code was measured
     variant = stored["variants"]["layer-c"]
     assert variant["ratio"] > 0 and variant["reference"]["images_per_second"] > 0
     assert variant["normtf"]["eval_seconds"] > 0 and variant["reference"]["eval_seconds"] > 0
