@@ -39,7 +39,7 @@ class Dropout(keras.layers.Dropout):
 
         seed = keras.random.randint((2,), 0, 2**31 - 1, seed=self.seed_generator)  # advances as keras.random does
         threshold = min(round(self.rate * 2**32), 2**32 - 1)  # drop an element when its 32 bits are below this
-        return inputs * _keep(tf.shape(inputs), tf.as_dtype(inputs.dtype), seed, threshold)
+        return inputs * _xla(_keep)(tf.shape(inputs), tf.as_dtype(inputs.dtype), seed, threshold)
 
 
 def _random_bits(shape, seed):
@@ -67,20 +67,15 @@ def _random_bits(shape, seed):
     return tf.reshape(h, shape)
 
 
-def _keep_fn(shape, dtype, seed, threshold):
+def _keep(shape, dtype, seed, threshold):
     """Dropout's mask for `shape`: 0 where an element's bits fall below `threshold`, else
-    2^32 / (2^32 - threshold), in `dtype`."""
+    2^32 / (2^32 - threshold), in `dtype`. Called through _xla: the hash, compare and select fuse
+    into one loop that writes the mask (compiled per shape, dtype and threshold)."""
     import tensorflow as tf
 
     scale = 2**32 / (2**32 - threshold)
     return tf.where(_random_bits(shape, seed) >= tf.constant(threshold, tf.uint32),
                     tf.constant(scale, dtype), tf.constant(0, dtype))
-
-
-def _keep(shape, dtype, seed, threshold):
-    """_keep_fn in one XLA-compiled call: the hash, compare and select fuse into one loop that
-    writes the mask. Compiled per shape, dtype and threshold."""
-    return _xla(_keep_fn)(shape, dtype, seed, threshold)
 
 
 _XLA = {}  # element-wise functions compiled by XLA, made on first use (TensorFlow is imported lazily)

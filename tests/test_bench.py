@@ -81,28 +81,30 @@ def test_every_layer_of_ours_can_be_timed_against_keras_alone():
         "layers", *layers.OURS}
 
 
-def test_bench_against_one_keras_class_runs_as_the_readme_says(tmp_path, monkeypatch):
-    """`normtf bench --against keras-Dropout` through the command line, as a user types it (with fewer
-    steps): both workers run by turns, the table is printed, and the results go to
-    results/bench-keras-Dropout.json, never over results/bench.json (the PyTorch comparison)."""
+@pytest.mark.parametrize("against, what", [("keras-layers", "layers"), ("keras-Dropout", "Dropout")])
+def test_bench_against_keras_runs_as_the_readme_says(against, what, tmp_path, monkeypatch):
+    """`normtf bench --against keras-layers` (README) and `--against keras-Dropout` through the
+    command line, as a user types them (with fewer steps): both workers run by turns, the table is
+    printed, and the results go to results/bench-<against>.json, never over results/bench.json
+    (the PyTorch comparison)."""
     from typer.testing import CliRunner
 
     import normtf
     from normtf.cli import app
 
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["bench", "--quick", "--norm", "layer-c", "--against", "keras-Dropout",
+    result = CliRunner().invoke(app, ["bench", "--quick", "--norm", "layer-c", "--against", against,
                                       "--repeats", "1", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "results" / "bench.json").exists()
-    stored = json.loads((tmp_path / "results" / "bench-keras-Dropout.json").read_text())
-    assert stored["settings"]["against"] == "keras-Dropout" and stored["settings"]["train_epochs"] == 0
+    stored = json.loads((tmp_path / "results" / f"bench-{against}.json").read_text())
+    assert stored["settings"]["against"] == against and stored["settings"]["train_epochs"] == 0
     assert stored["normtf"]["version"] == normtf.__version__  # which code was measured
     variant = stored["variants"]["layer-c"]
     assert variant["ratio"] > 0 and variant["reference"]["images_per_second"] > 0
     assert variant["normtf"]["eval_seconds"] > 0 and variant["reference"]["eval_seconds"] > 0
     output = " ".join(result.output.split())
-    assert "with Keras's Dropout" in output and "wrote results/bench-keras-Dropout.json" in output
+    assert f"with Keras's {what}" in output and f"wrote results/bench-{against}.json" in output
 
 
 def test_bench_without_pytorch_says_how_to_install_it_and_writes_nothing(tmp_path, monkeypatch):
