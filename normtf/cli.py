@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -131,11 +132,13 @@ def _progress(with_seed: bool):
 
 
 def _writable(directory: Path) -> Path:
-    """Fail now, not after an hour of training, if figures cannot be written."""
+    """Fail now, not after an hour of training, if figures cannot be written. The probe file's
+    name is this process's own: two compares started together into one --img-dir (README) once
+    shared one, and the second to remove it failed."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / ".normtf-write-test").touch()
-        (directory / ".normtf-write-test").unlink()
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".normtf-write-test."):
+            pass
     except OSError as e:
         raise UsageError(f"cannot write to {directory}: {e.strerror}; choose another --img-dir") from None
     return directory

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from normtf.cli import app
 from normtf.config import RECIPES
 from normtf.norms import NORMS as NORMS_ALL
+from normtf import figures
 from normtf.console import console
 
 ROOT = Path(__file__).parent.parent
@@ -33,6 +34,24 @@ def test_help_lists_the_commands_without_installing():
     assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "bench"}
     assert not [line for line in listed.values() if line.endswith("...")]  # no description cut short
     assert out.stderr == ""
+
+
+def test_cli_py_trains_from_a_copy_with_the_copys_code(tmp_path):
+    """README: `python cli.py ...` does the same from a clone without installing. A copy of the
+    package, marked by its version, trains a run: the run records the copy's version, so the
+    copy's code ran, not the normtf installed here."""
+    import shutil
+
+    copy = tmp_path / "clone"
+    shutil.copytree(ROOT / "normtf", copy / "normtf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "cli.py", copy)
+    init = copy / "normtf" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "copy-'))
+    result = subprocess.run([sys.executable, "cli.py", "train", "--norm", "group", *TINY], cwd=copy,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "group epoch  1/1" in result.stdout, result.stdout + result.stderr
+    stored = json.loads((copy / "runs" / "group" / "config.json").read_text())
+    assert stored["normtf"]["version"].startswith("copy-") and (copy / "runs" / "group" / "model.keras").is_file()
 
 
 def test_help_says_what_each_option_takes():
@@ -255,6 +274,49 @@ def test_threads_sets_tensorflows_pools_and_is_recorded(tmp_path):
 
     result = run("--threads", "0", "train", "--norm", "group")
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_two_compares_side_by_side_then_one_that_draws_them_together(tmp_path, monkeypatch):
+    """README: two `normtf --threads 1 compare ...` side by side (other variants, same directories)
+    each draw their own runs, and a last `normtf compare` naming all of them reuses them and draws
+    them together; `--force` then retrains the one it names, leaving the other alone."""
+    runs, img = tmp_path / "runs", tmp_path / "img"
+    where = ["--runs-dir", str(runs), "--img-dir", str(img)]
+    processes = [subprocess.Popen([sys.executable, "-m", "normtf", "--threads", "1", "compare", "--norm", norm, *TINY,
+                                   *where], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for norm in ("group", "layer-c")]
+    for process in processes:
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0 and "Traceback" not in output, output
+    assert sorted(p.name for p in img.glob("misclassified_*.png")) == ["misclassified_group.png", "misclassified_layer-c.png"]
+    finished = {norm: (runs / norm / "metrics.json").read_bytes() for norm in ("group", "layer-c")}
+
+    drawn = []
+    real_plot = figures.plot_curves
+    monkeypatch.setattr(figures, "plot_curves", lambda curves, *args, **kwargs: drawn.append(list(curves)) or
+                        real_plot(curves, *args, **kwargs))
+    monkeypatch.setattr(console, "width", 200)
+    result = run("compare", "--norm", "group", "--norm", "layer-c", *TINY, *where)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") >= 2 and "trained" not in result.output
+    assert drawn == [["group", "layer-c"]] and (img / "loss_accuracy.png").stat().st_size > 20_000
+    assert {norm: (runs / norm / "metrics.json").read_bytes() for norm in finished} == finished
+
+    result = run("compare", "--norm", "group", "--force", *TINY, *where)
+    assert result.exit_code == 0 and "trained" in result.output, result.output
+    assert (runs / "group" / "metrics.json").read_bytes() != finished["group"]
+    assert (runs / "layer-c" / "metrics.json").read_bytes() == finished["layer-c"]
+
+
+def test_the_img_dir_check_leaves_another_process_probe_alone(tmp_path):
+    """What made one of two compares started together fail: each checked --img-dir by writing and
+    removing the same probe file, so one removed the other's."""
+    from normtf.cli import _writable
+
+    other = tmp_path / ".normtf-write-test"
+    other.write_text("another process's")
+    assert _writable(tmp_path) == tmp_path
+    assert other.read_text() == "another process's" and sorted(p.name for p in tmp_path.iterdir()) == [other.name]
 
 
 def test_exit_codes_are_the_documented_ones():

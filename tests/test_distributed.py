@@ -41,6 +41,17 @@ def test_training_under_mirrored_strategy_runs_and_converges(tmp_path):
     assert second < first and found["accuracy"] >= 0.6  # 4,000 images, 2 epochs; chance is 0.1
 
 
+def test_the_mirrored_sync_bn_command_as_documented_trains(tmp_path):
+    """docs/how-it-works.md's `normtf train --norm batch --strategy mirrored --sync-bn`, typed as is
+    (smaller): on this CPU-only machine, one replica; the run records the strategy and --sync-bn."""
+    command = [sys.executable, "-m", "normtf", "train", "--norm", "batch", "--strategy", "mirrored", "--sync-bn",
+               "--epochs", "1", "--train-size", "1000", "--test-size", "500", "--runs-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+    assert result.returncode == 0 and "batch epoch  1/1" in result.stdout, result.stdout + result.stderr
+    stored = json.loads((tmp_path / "batch" / "config.json").read_text())
+    assert stored["environment"]["strategy"] == "MirroredStrategy" and stored["config"]["sync_bn"] is True
+
+
 def test_multi_worker_strategy_without_tf_config_trains_as_one_worker(tmp_path):
     found = run_scenario("multi-worker", tmp_path)
     # CollectiveAllReduceStrategy is the class behind tf.distribute.MultiWorkerMirroredStrategy.
