@@ -206,8 +206,9 @@ def test_two_workers_train_batch_norm_with_sync_bn_and_agree(tmp_path):
     assert digests(errors[0]) == digests(errors[1]) == [weights_digest(model)]
 
 
-def test_a_killed_worker_ends_the_other_with_one_line_and_both_resume(tmp_path, group_run):
-    """SIGKILL worker 1 after epoch 1: the chief stops with one clear line within the heartbeat
+@pytest.mark.parametrize("killed", [1, 0])  # 0: the chief, which also hosts the coordination service
+def test_a_killed_worker_ends_the_other_with_one_line_and_both_resume(tmp_path, group_run, killed):
+    """SIGKILL one worker after epoch 1: the other stops with one clear line within the heartbeat
     timeout; both started again finish epoch 2 from the chief's checkpoint, as the uninterrupted run did."""
     command = normtf_train(tmp_path / "runs", "--norm", "group", *SMALL)
     history = tmp_path / "runs" / "group" / "history.json"
@@ -216,17 +217,17 @@ def test_a_killed_worker_ends_the_other_with_one_line_and_both_resume(tmp_path, 
     while not history.exists() and time.monotonic() < deadline and workers[0].poll() is None:
         time.sleep(0.05)
     assert history.exists(), "the chief never finished epoch 1"
-    workers[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
+    workers[killed].send_signal(signal.SIGKILL)
+    killed_at, other = time.monotonic(), 1 - killed
     codes, errors = finish(workers, tmp_path, "killed", timeout=90)
-    assert time.monotonic() - killed < 90
-    assert codes[0] not in (0, None) and codes[1] == -signal.SIGKILL
-    assert "Traceback" not in errors[0]
-    ours = [line for line in errors[0].splitlines() if line.startswith("error:")]
-    assert len(ours) == 1 and ours[0] == errors[0].strip().splitlines()[-1], errors[0][-2000:]
-    # Which line depends on what reaches the chief first: the coordination service's missed
+    assert time.monotonic() - killed_at < 90
+    assert codes[other] not in (0, None) and codes[killed] == -signal.SIGKILL
+    assert "Traceback" not in errors[other]
+    ours = [line for line in errors[other].splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0] == errors[other].strip().splitlines()[-1], errors[other][-2000:]
+    # Which line depends on what reaches the survivor first: the coordination service's missed
     # heartbeats (they name the worker) or the dead peer's closed connection (reset by peer).
-    assert ("worker 1 stopped" in ours[0] or "lost contact with the other workers" in ours[0]), ours[0]
+    assert (f"worker {killed} stopped" in ours[0] or "lost contact with the other workers" in ours[0]), ours[0]
     assert "start every worker again to resume" in ours[0], ours[0]
     assert [r["epoch"] for r in json.loads(history.read_text())] == [1]
 
