@@ -177,6 +177,16 @@ def test_compare_shows_a_diverged_run_as_failed(tmp_path, monkeypatch):
     assert not (tmp_path / "loss_accuracy.png").exists()
 
 
+@pytest.mark.parametrize("command", [["train", "--norm", "batch", *TINY],
+                                     ["sweep", "--norm", "batch", "--batch-sizes", "64", "--seeds", "1", *TINY]])
+def test_train_and_sweep_exit_3_when_a_run_diverged(tmp_path, command):
+    """docs/how-it-works.md's exit code 3 (a run failed), from the two commands besides compare."""
+    sweep_files = ["--img-dir", tmp_path / "img", "--out", tmp_path / "sweep.json"] if command[0] == "sweep" else []
+    result = run(*command, "--lr", "1e12", "--runs-dir", tmp_path / "runs", *sweep_files)
+    assert result.exit_code == 3, result.output
+    assert "failed:" in result.output and "1 of 1 runs failed" in " ".join(result.output.split())
+
+
 def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
     monkeypatch.setattr(console, "width", 200)
     runs, img = tmp_path / "runs", tmp_path / "img"
