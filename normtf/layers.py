@@ -1,5 +1,6 @@
 """Keras layers of our own, each a faster drop-in for a Keras layer and tested against it
-(tests/test_layers.py). The model uses these only where a profile showed the Keras layer's cost.
+(tests/test_layers.py), and a Sequential that fuses ReLU -> norm -> Dropout in training. The
+model uses these only where a profile showed the Keras layer's cost.
 They stay a training detail: saved files name Keras's classes (save_model, with_our_classes)."""
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ class Dropout(keras.layers.Dropout):
             return super().call(inputs, training=training)
         import tensorflow as tf
 
-        seed = keras.random.randint((2,), 0, 2**31 - 1, seed=self.seed_generator)  # advances as keras.random does
-        threshold = min(round(self.rate * 2**32), 2**32 - 1)  # drop an element when its 32 bits are below this
-        return inputs * _xla(_keep)(tf.shape(inputs), tf.as_dtype(inputs.dtype), seed, threshold)
+        return inputs * _xla(_keep)(tf.shape(inputs), tf.as_dtype(inputs.dtype), *self.mask_key())
+
+    def mask_key(self):
+        """This step's (seed words, threshold), from which _keep makes the mask; each call advances
+        the layer's seed generator, as keras.random does. Sequential's fused blocks ask for it too,
+        and make the same mask inside the norm layer's expressions."""
+        seed = keras.random.randint((2,), 0, 2**31 - 1, seed=self.seed_generator)
+        return seed, min(round(self.rate * 2**32), 2**32 - 1)  # drop an element when its 32 bits are below this
 
 
 def _random_bits(shape, seed):
@@ -93,28 +99,52 @@ def _xla(fn):
     return _XLA[fn]
 
 
-def _scale_shift(centered, a, beta):
-    return centered * a + beta
+def _dropped(t, keep):
+    """t times dropout's mask of key `keep` (seed words, threshold: Dropout.mask_key), or t for
+    None. Inside a fused expression the mask is made where it is used, never stored: the backward
+    pass makes it again from the same key."""
+    import tensorflow as tf
+
+    return t if keep is None else t * _keep(tf.shape(t), t.dtype, *keep)
 
 
-def _centered_grad(dy, centered, a, c_centered, c):
-    return dy * a - centered * c_centered - c
+def _relu_grad(grad, x):  # grad, then ReLU's gradient for its input x (None: no ReLU)
+    import tensorflow as tf
+
+    return grad if x is None else tf.where(x > 0, grad, tf.zeros_like(grad))
 
 
-def _layer_out(centered, inv, gamma, beta):  # LayerNormalization's output
-    return centered * inv * gamma + beta
+def _scale_shift(centered, a, beta, keep=None):
+    return _dropped(centered * a + beta, keep)
 
 
-def _layer_products(dy, centered, inv, gamma):
+def _dropped_products(dy, centered, keep):
+    """Dropout's backward product, and the product the norm's second sum needs, from one read."""
+    dropped = _dropped(dy, keep)
+    return dropped, dropped * centered
+
+
+def _centered_grad(dy, centered, a, c_centered, c, x=None):
+    return _relu_grad(dy * a - centered * c_centered - c, x)
+
+
+def _layer_out(centered, inv, gamma, beta, keep=None):  # LayerNormalization's output
+    return _dropped(centered * inv * gamma + beta, keep)
+
+
+def _layer_products(dy, centered, inv, gamma, keep=None):
     """LayerNormalization's backward products, from one read of dy and centered: the gradient
-    with respect to the normalized values, and the two products the sums need."""
+    with respect to the normalized values, and the two products the sums need. With `keep`, dy
+    is first dropout's backward product, and is returned first (beta's gradient sums it)."""
+    dropped = _dropped(dy, keep)
     normalized = centered * inv
-    d_normalized = dy * gamma
-    return d_normalized, dy * normalized, d_normalized * normalized
+    d_normalized = dropped * gamma
+    products = (d_normalized, dropped * normalized, d_normalized * normalized)
+    return products if keep is None else (dropped, *products)
 
 
-def _layer_centered_grad(d_normalized, centered, inv, mean_of_products, mean_of_d_normalized):
-    return inv * (d_normalized - centered * inv * mean_of_products - mean_of_d_normalized)
+def _layer_centered_grad(d_normalized, centered, inv, mean_of_products, mean_of_d_normalized, x=None):
+    return _relu_grad(inv * (d_normalized - centered * inv * mean_of_products - mean_of_d_normalized), x)
 
 
 def _elementwise(fn, *args):
@@ -124,11 +154,12 @@ def _elementwise(fn, *args):
     return _xla(fn)(*args) if keras.backend.backend() == "tensorflow" else fn(*args)
 
 
-def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
+def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float, relu: bool = False, keep=None):
     """(x - mean) / sqrt(var + eps) * gamma + beta for channels-last `x`, with statistics over each
     sample's `groups` channel groups (per_sample: group and layer norm) or over the whole batch per
     channel (batch norm: groups = channels). Returns the output, mean and variance (for batch norm
-    one per channel, shaped (1, 1, C)).
+    one per channel, shaped (1, 1, C)). With `relu`, of relu(x); with `keep` (Dropout.mask_key),
+    the output times dropout's mask: Sequential's fused blocks.
 
     Why not Keras's: its moments and normalization are a dozen element-wise passes forward and
     more in the autodiff backward pass. Here the sums over pixels are matrix products with a ones
@@ -143,7 +174,8 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
     Keras's layer does: block 1's variances came out 1.4% off at batch 2,000 and 6% at 10,000,
     where the two-level sums stay within 1e-5, no slower at batch 128."""
     channels = x.shape[-1]
-    rows = ops.reshape(x, (ops.shape(x)[0], -1, channels))  # (N, K, C)
+    source = ops.reshape(x, (ops.shape(x)[0], -1, channels))  # (N, K, C)
+    rows = ops.stop_gradient(ops.relu(source) if relu else source)  # the gradient is scale_shift's
     samples, pixels = ops.shape(rows)[0], ops.shape(rows)[1]
     count = pixels * (channels // groups) * (1 if per_sample else samples)  # elements behind one statistic
 
@@ -161,34 +193,37 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float):
         return ops.reshape(ops.broadcast_to(sums, (b, groups, channels // groups)), (b, 1, channels)) / ops.cast(count, t.dtype)
 
     if per_sample and groups == 1:  # one statistic per sample: reductions along each sample's contiguous row are cheapest
-        mean = ops.stop_gradient(ops.reshape(ops.mean(ops.reshape(rows, (samples, -1)), axis=1), (samples, 1, 1)))
+        mean = ops.reshape(ops.mean(ops.reshape(rows, (samples, -1)), axis=1), (samples, 1, 1))
         centered = rows - mean
         squares = _sum_of_squares(ops.reshape(centered, (samples, -1)), axis=1)
         variance = ops.reshape(squares, (samples, 1, 1)) / ops.cast(count, x.dtype)
     else:
-        mean = ops.stop_gradient(group_mean(sum_over_pixels(rows)))
+        mean = group_mean(sum_over_pixels(rows))
         centered = rows - mean
         variance = group_mean(over_samples(_sum_of_squares(centered, axis=1)))
-    inv = ops.rsqrt(ops.stop_gradient(variance) + epsilon)
+    inv = ops.rsqrt(variance + epsilon)
 
     @ops.custom_gradient
-    def scale_shift(centered, gamma, beta):
-        # The gradient with respect to `centered` is the full normalization gradient with respect
-        # to x: mean and variance are constants above (stop_gradient); their dependence on x is here.
+    def scale_shift(source, gamma, beta):
+        # Everything above is a constant to autodiff (stop_gradient): the gradient with respect to
+        # `source` is written out here, the statistics' dependence on x (and ReLU's) included.
         a = gamma * inv
-        out = _elementwise(_scale_shift, centered, a, beta)
+        out = _elementwise(_scale_shift, centered, a, beta, keep)
 
         def grad(*args, upstream=None):
             dy = upstream if upstream is not None else args[0]
-            s1 = sum_over_pixels(dy)
-            s2 = sum_over_pixels(dy * centered)
-            d_centered = _elementwise(_centered_grad, dy, centered, a, inv**3 * group_mean(gamma * s2),
-                                      inv * group_mean(gamma * s1))
-            return d_centered, ops.sum(s2 * inv, axis=(0, 1)), ops.sum(s1, axis=(0, 1))
+            if keep is None:
+                products = dy * centered
+            else:  # from here on, dy is the gradient with respect to the norm's output
+                dy, products = _elementwise(_dropped_products, dy, centered, keep)
+            s1, s2 = sum_over_pixels(dy), sum_over_pixels(products)
+            d_source = _elementwise(_centered_grad, dy, centered, a, inv**3 * group_mean(gamma * s2),
+                                    inv * group_mean(gamma * s1), rows if relu else None)
+            return d_source, ops.sum(s2 * inv, axis=(0, 1)), ops.sum(s1, axis=(0, 1))
 
         return out, grad
 
-    out = ops.reshape(scale_shift(centered, gamma, beta), ops.shape(x))
+    out = ops.reshape(scale_shift(source, gamma, beta), ops.shape(x))
     return out, mean, variance
 
 
@@ -225,14 +260,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
     the options the study does not use (sync, renorm, masks, other axes), are Keras's own."""
 
     def call(self, inputs, training=None, mask=None):
-        ours = (training and self.trainable and mask is None and not self.synchronized and not getattr(self, "renorm", False)
-                and self.scale and self.center and self.axis in (-1, len(inputs.shape) - 1))
-        if not ours:
+        if not (training and mask is None and self.fusable(inputs)):
             return super().call(inputs, training=training, mask=mask)
+        return self.fused_call(inputs)
+
+    def fusable(self, inputs) -> bool:
+        """Whether fused_call computes this layer for `inputs` in training (else Keras's code does)."""
+        return (self.trainable and not self.synchronized and not getattr(self, "renorm", False) and self.scale
+                and self.center and self.axis in (-1, len(inputs.shape) - 1))
+
+    def fused_call(self, inputs, relu: bool = False, keep=None):
+        """The training step's output, of relu(inputs) if `relu`, with dropout's mask of key `keep`
+        applied to it if given (Sequential's fused blocks); updates the moving statistics."""
         x = ops.cast(inputs, "float32")  # statistics in float32 under mixed precision, as Keras
         channels = x.shape[-1]
         out, mean, variance = _normalize(x, channels, False, ops.cast(self.gamma, "float32"),
-                                         ops.cast(self.beta, "float32"), self.epsilon)
+                                         ops.cast(self.beta, "float32"), self.epsilon, relu, keep)
         mean, variance = ops.reshape(mean, (channels,)), ops.reshape(variance, (channels,))
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
@@ -245,11 +288,17 @@ class GroupNormalization(keras.layers.GroupNormalization):
     in training and inference (see _normalize); other axes and options are Keras's own."""
 
     def call(self, inputs):
-        if not (self.scale and self.center and self.axis in (-1, len(inputs.shape) - 1)):
+        if not self.fusable(inputs):
             return super().call(inputs)
+        return self.fused_call(inputs)
+
+    def fusable(self, inputs) -> bool:
+        return self.scale and self.center and self.axis in (-1, len(inputs.shape) - 1)
+
+    def fused_call(self, inputs, relu: bool = False, keep=None):  # as BatchNormalization's
         x = ops.cast(inputs, "float32")
         out, _, _ = _normalize(x, self.groups, True, ops.cast(self.gamma, "float32"),
-                               ops.cast(self.beta, "float32"), self.epsilon)
+                               ops.cast(self.beta, "float32"), self.epsilon, relu, keep)
         return ops.cast(out, self.compute_dtype)
 
 
@@ -259,12 +308,19 @@ class LayerNormalization(keras.layers.LayerNormalization):
     beta (PyTorch's LayerNorm([C, H, W])), written like _normalize; other settings are Keras's own."""
 
     def call(self, inputs):
-        axes = sorted(a % len(inputs.shape) for a in self.axis)
-        if axes != list(range(1, len(inputs.shape))) or self.rms_scaling or not (self.scale and self.center):
+        if not self.fusable(inputs):
             return super().call(inputs)
+        return self.fused_call(inputs)
+
+    def fusable(self, inputs) -> bool:
+        axes = sorted(a % len(inputs.shape) for a in self.axis)
+        return axes == list(range(1, len(inputs.shape))) and not self.rms_scaling and self.scale and self.center
+
+    def fused_call(self, inputs, relu: bool = False, keep=None):  # as BatchNormalization's
         x = ops.cast(inputs, "float32")
         size = math.prod(inputs.shape[1:])
-        rows = ops.reshape(x, (-1, size))  # (N, D)
+        source = ops.reshape(x, (-1, size))  # (N, D)
+        rows = ops.stop_gradient(ops.relu(source) if relu else source)  # the gradient is normalize's
         gamma = ops.reshape(ops.cast(self.gamma, "float32"), (1, size))
         beta = ops.reshape(ops.cast(self.beta, "float32"), (1, size))
         ones_d = ops.ones((size, 1))
@@ -275,23 +331,64 @@ class LayerNormalization(keras.layers.LayerNormalization):
         def column_sum(t):  # (N, D) -> (D,)
             return ops.reshape(ops.matmul(ops.ones((1, ops.shape(t)[0])), t), (size,))
 
-        centered = rows - ops.stop_gradient(row_mean(rows))
-        inv = ops.stop_gradient(ops.rsqrt(_sum_of_squares(centered, axis=1) / size + self.epsilon))
+        centered = rows - row_mean(rows)
+        inv = ops.rsqrt(_sum_of_squares(centered, axis=1) / size + self.epsilon)
 
         @ops.custom_gradient
-        def normalize(centered, gamma, beta):
-            out = _elementwise(_layer_out, centered, inv, gamma, beta)
+        def normalize(source, gamma, beta):
+            out = _elementwise(_layer_out, centered, inv, gamma, beta, keep)
 
             def grad(*args, upstream=None):
                 dy = upstream if upstream is not None else args[0]
-                d_normalized, d_gamma_terms, products = _elementwise(_layer_products, dy, centered, inv, gamma)
-                d_centered = _elementwise(_layer_centered_grad, d_normalized, centered, inv,
-                                          row_mean(products), row_mean(d_normalized))
-                return d_centered, column_sum(d_gamma_terms), column_sum(dy)
+                products = _elementwise(_layer_products, dy, centered, inv, gamma, keep)
+                if keep is not None:  # from here on, dy is the gradient with respect to the norm's output
+                    dy, products = products[0], products[1:]
+                d_normalized, d_gamma_terms, normalized_products = products
+                d_source = _elementwise(_layer_centered_grad, d_normalized, centered, inv, row_mean(normalized_products),
+                                        row_mean(d_normalized), rows if relu else None)
+                return d_source, column_sum(d_gamma_terms), column_sum(dy)
 
             return out, grad
 
-        return ops.cast(ops.reshape(normalize(centered, gamma, beta), ops.shape(inputs)), self.compute_dtype)
+        return ops.cast(ops.reshape(normalize(source, gamma, beta), ops.shape(inputs)), self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="normtf")
+class Sequential(keras.Sequential):
+    """keras.Sequential whose training step runs each ReLU -> norm -> Dropout of normtf's layers
+    as one function (the norm layer's fused_call): statistics of relu(x), dropout's mask made
+    inside the norm's output expression and made again inside its backward one (never stored),
+    ReLU's gradient inside the norm's. A block makes 18 passes over its activations instead of 25;
+    outputs and gradients are the layers' own, one after another (tests/test_layers.py: to float32
+    rounding; measured here: to the bit). The mask is hashed inside the norm's expressions because
+    made apart and read there it cost more than it saved (docs/speed.md). Inference, and any other
+    run of layers, is Keras's own, layer by layer; saved files name keras.Sequential."""
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        if (not training or mask is not None or kwargs or keras.backend.backend() != "tensorflow"
+                or keras.backend.is_keras_tensor(inputs)):
+            return super().call(inputs, training=training, mask=mask, **kwargs)
+        x, layers, i = inputs, self.layers, 0
+        while i < len(layers):
+            if _fusable(layers[i:i + 3], x):
+                relu, norm, dropout = layers[i:i + 3]
+                x = norm.fused_call(x, relu=True, keep=dropout.mask_key())
+                i += 3
+            else:
+                x = layers[i](x, training=training)
+                i += 1
+        return x
+
+
+def _fusable(block, x) -> bool:
+    """Whether `block` is a plain ReLU, a norm layer of ours that fused_call computes for x in
+    training, and our Dropout with a mask to make."""
+    if len(block) != 3:
+        return False
+    relu, norm, dropout = block
+    return (type(relu) is keras.layers.ReLU and relu.max_value is None and not relu.negative_slope
+            and not relu.threshold and type(norm) in (BatchNormalization, GroupNormalization, LayerNormalization)
+            and norm.fusable(x) and type(dropout) is Dropout and dropout.rate > 0 and dropout.noise_shape is None)
 
 
 # Model files: normtf's layers are a training detail. A saved model.keras names Keras's own classes,
@@ -309,10 +406,10 @@ def save_model(model, path) -> None:
 
 
 def with_keras_classes(path) -> bool:
-    """Rewrite a .keras file in place so that it names keras.layers' classes where it names
-    normtf's (`normtf>GroupNormalization` -> keras.layers.GroupNormalization; each of ours is a
-    subclass with the same config and variables). Only config.json changes: the weights, the
-    optimizer state and the metadata are copied byte for byte. Also converts a file that an older
+    """Rewrite a .keras file in place so that it names Keras's classes where it names normtf's
+    (`normtf>GroupNormalization` -> keras.layers.GroupNormalization, `normtf>Sequential` ->
+    keras.Sequential; each of ours is a subclass with the same config and variables). Only
+    config.json changes: the weights, the optimizer state and the metadata are copied byte for byte. Also converts a file that an older
     normtf wrote (it names normtf's classes, so needs normtf to load). Returns whether it renamed
     anything."""
     def rename(node) -> int:
@@ -322,11 +419,14 @@ def with_keras_classes(path) -> bool:
             return 0
         count = sum(rename(value) for value in node.values())
         name = node.get("registered_name")
-        # any class Keras has, not only OURS: a model built by normtf on 2026-11-26 and saved by
-        # model.save itself names normtf's Conv2D, a layer since removed
-        if isinstance(name, str) and name.startswith("normtf>") and hasattr(keras.layers, name[len("normtf>"):]):
-            node.update(module="keras.layers", class_name=name[len("normtf>"):], registered_name=None)
-            count += 1
+        if isinstance(name, str) and name.startswith("normtf>"):
+            name = name[len("normtf>"):]
+            # any layer Keras has, not only OURS: a model built by normtf on 2026-11-26 and saved
+            # by model.save itself names normtf's Conv2D, a layer since removed
+            module = "keras" if name == "Sequential" else "keras.layers" if hasattr(keras.layers, name) else None
+            if module:
+                node.update(module=module, class_name=name, registered_name=None)
+                count += 1
         return count
 
     with zipfile.ZipFile(path) as source:

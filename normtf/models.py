@@ -27,7 +27,7 @@ def build_model(norm: str, config: TrainConfig | None = None):
     import keras
     from keras import layers
 
-    from normtf.layers import Dropout
+    from normtf.layers import Dropout, Sequential
 
     config = config or TrainConfig(norm=norm)
     spec = get_norm(norm)
@@ -55,7 +55,7 @@ def build_model(norm: str, config: TrainConfig | None = None):
         layers.Dense(NUM_CLASSES, use_bias=False, kernel_regularizer=regularizer, name="head"),
         layers.Activation("log_softmax", dtype="float32", name="log_probs"),
     ]
-    return keras.Sequential(model_layers, name=f"normtf_{norm.replace('-', '_')}")
+    return Sequential(model_layers, name=f"normtf_{norm.replace('-', '_')}")  # keras.Sequential, fused in training
 
 
 def trainable_params(model) -> int:

@@ -34,10 +34,10 @@ assert "normtf" not in sys.modules and not any(name.startswith("normtf.") for na
 
 
 def _class_entries(path):
-    """(module, class_name, registered_name) of every layer a .keras file names."""
+    """(module, class_name, registered_name) of the model and every layer a .keras file names."""
     with zipfile.ZipFile(path) as archive:
-        layers = json.loads(archive.read("config.json"))["config"]["layers"]
-    return [(layer["module"], layer["class_name"], layer["registered_name"]) for layer in layers]
+        model = json.loads(archive.read("config.json"))
+    return [(entry["module"], entry["class_name"], entry["registered_name"]) for entry in [model, *model["config"]["layers"]]]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,7 @@ def test_saved_files_name_keras_classes_and_normtf_loads_its_own(trained):
         assert not [e for e in entries if "normtf" in json.dumps(e)], norm
         norm_class = type(NORMS[norm].make(TrainConfig(norm=norm))).__name__
         assert {("keras.layers", name, None) for name in (norm_class, "Dropout", "Conv2D")} <= set(entries)
+        assert ("keras", "Sequential", None) in entries  # not normtf's Sequential, which fuses blocks in training
         loaded = load_model(path)  # normtf evaluates with its own (faster) layers again
         assert {type(layer) for layer in loaded.layers} & set(ours.OURS.values()) == {
             ours.OURS[norm_class], ours.Dropout}
