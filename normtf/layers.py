@@ -1,6 +1,6 @@
 """Keras layers of our own, each a faster drop-in for a Keras layer and tested against it
-(tests/test_layers.py), and a Sequential that fuses ReLU -> norm -> Dropout in training. The
-model uses these only where a profile showed the Keras layer's cost.
+(tests/test_layers.py), and a Sequential that fuses ReLU -> norm -> Dropout in training and each
+ReLU into its convolution. The model uses these only where a profile showed the Keras layer's cost.
 They stay a training detail: saved files name Keras's classes (save_model, with_our_classes)."""
 
 from __future__ import annotations
@@ -118,6 +118,10 @@ def _scale_shift(centered, a, beta, keep=None):
     return _dropped(centered * a + beta, keep)
 
 
+def _affine(x, a, b):
+    return x * a + b
+
+
 def _dropped_products(dy, centered, keep):
     """Dropout's backward product, and the product the norm's second sum needs, from one read."""
     dropped = _dropped(dy, keep)
@@ -154,11 +158,14 @@ def _elementwise(fn, *args):
     return _xla(fn)(*args) if keras.backend.backend() == "tensorflow" else fn(*args)
 
 
-def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float, relu: bool = False, keep=None):
+def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float, relu: bool = False, keep=None,
+               relu_applied: bool = False):
     """(x - mean) / sqrt(var + eps) * gamma + beta for channels-last `x`, with statistics over each
     sample's `groups` channel groups (per_sample: group and layer norm) or over the whole batch per
     channel (batch norm: groups = channels). Returns the output, mean and variance (for batch norm
-    one per channel, shaped (1, 1, C)). With `relu`, of relu(x); with `keep` (Dropout.mask_key),
+    one per channel, shaped (1, 1, C)). With `relu`, of relu(x), and the ReLU's gradient is part of
+    this one (with `relu_applied`, x is already relu's output, made by _relu_into_conv, whose
+    gradient passes through: only the gradient is applied here); with `keep` (Dropout.mask_key),
     the output times dropout's mask: Sequential's fused blocks.
 
     Why not Keras's: its moments and normalization are a dozen element-wise passes forward and
@@ -175,7 +182,7 @@ def _normalize(x, groups: int, per_sample: bool, gamma, beta, epsilon: float, re
     where the two-level sums stay within 1e-5, no slower at batch 128."""
     channels = x.shape[-1]
     source = ops.reshape(x, (ops.shape(x)[0], -1, channels))  # (N, K, C)
-    rows = ops.stop_gradient(ops.relu(source) if relu else source)  # the gradient is scale_shift's
+    rows = ops.stop_gradient(ops.relu(source) if relu and not relu_applied else source)  # the gradient is scale_shift's
     samples, pixels = ops.shape(rows)[0], ops.shape(rows)[1]
     count = pixels * (channels // groups) * (1 if per_sample else samples)  # elements behind one statistic
 
@@ -256,26 +263,40 @@ def _compiled_by_xla() -> bool:
 
 @keras.saving.register_keras_serializable(package="normtf")
 class BatchNormalization(keras.layers.BatchNormalization):
-    """keras.layers.BatchNormalization with a faster training step (see _normalize); inference, and
-    the options the study does not use (sync, renorm, masks, other axes), are Keras's own."""
+    """keras.layers.BatchNormalization with a faster training step (see _normalize) and inference
+    in one pass (inference_call); the options the study does not use (sync, renorm, masks, other
+    axes) are Keras's own."""
 
     def call(self, inputs, training=None, mask=None):
-        if not (training and mask is None and self.fusable(inputs)):
+        if mask is not None or not self._plain(inputs):
             return super().call(inputs, training=training, mask=mask)
-        return self.fused_call(inputs)
+        return self.fused_call(inputs) if training and self.trainable else self.inference_call(inputs)
+
+    def inference_call(self, inputs):
+        """Keras's inference output, x * a + (beta - mean * a) with a = gamma / sqrt(variance + eps)
+        as tf.nn.batch_normalization computes it, in one pass (_elementwise) where TensorFlow makes
+        two: for the 10k-image evaluation, block 1 and 2's products and sums took 185 ms."""
+        x = ops.cast(inputs, "float32")
+        a = ops.rsqrt(ops.cast(self.moving_variance, "float32") + self.epsilon) * ops.cast(self.gamma, "float32")
+        b = ops.cast(self.beta, "float32") - ops.cast(self.moving_mean, "float32") * a
+        return ops.cast(_elementwise(_affine, x, a, b), self.compute_dtype)
 
     def fusable(self, inputs) -> bool:
         """Whether fused_call computes this layer for `inputs` in training (else Keras's code does)."""
-        return (self.trainable and not self.synchronized and not getattr(self, "renorm", False) and self.scale
-                and self.center and self.axis in (-1, len(inputs.shape) - 1))
+        return self.trainable and self._plain(inputs)
 
-    def fused_call(self, inputs, relu: bool = False, keep=None):
+    def _plain(self, inputs) -> bool:  # the settings the study uses, which this class computes itself
+        return (not self.synchronized and not getattr(self, "renorm", False) and self.scale and self.center
+                and self.axis in (-1, len(inputs.shape) - 1))
+
+    def fused_call(self, inputs, relu: bool = False, keep=None, relu_applied: bool = False):
         """The training step's output, of relu(inputs) if `relu`, with dropout's mask of key `keep`
-        applied to it if given (Sequential's fused blocks); updates the moving statistics."""
+        applied to it if given (Sequential's fused blocks; relu_applied: see _normalize); updates
+        the moving statistics."""
         x = ops.cast(inputs, "float32")  # statistics in float32 under mixed precision, as Keras
         channels = x.shape[-1]
         out, mean, variance = _normalize(x, channels, False, ops.cast(self.gamma, "float32"),
-                                         ops.cast(self.beta, "float32"), self.epsilon, relu, keep)
+                                         ops.cast(self.beta, "float32"), self.epsilon, relu, keep, relu_applied)
         mean, variance = ops.reshape(mean, (channels,)), ops.reshape(variance, (channels,))
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
@@ -295,10 +316,10 @@ class GroupNormalization(keras.layers.GroupNormalization):
     def fusable(self, inputs) -> bool:
         return self.scale and self.center and self.axis in (-1, len(inputs.shape) - 1)
 
-    def fused_call(self, inputs, relu: bool = False, keep=None):  # as BatchNormalization's
+    def fused_call(self, inputs, relu: bool = False, keep=None, relu_applied: bool = False):  # as BatchNormalization's
         x = ops.cast(inputs, "float32")
         out, _, _ = _normalize(x, self.groups, True, ops.cast(self.gamma, "float32"),
-                               ops.cast(self.beta, "float32"), self.epsilon, relu, keep)
+                               ops.cast(self.beta, "float32"), self.epsilon, relu, keep, relu_applied)
         return ops.cast(out, self.compute_dtype)
 
 
@@ -316,11 +337,11 @@ class LayerNormalization(keras.layers.LayerNormalization):
         axes = sorted(a % len(inputs.shape) for a in self.axis)
         return axes == list(range(1, len(inputs.shape))) and not self.rms_scaling and self.scale and self.center
 
-    def fused_call(self, inputs, relu: bool = False, keep=None):  # as BatchNormalization's
+    def fused_call(self, inputs, relu: bool = False, keep=None, relu_applied: bool = False):  # as BatchNormalization's
         x = ops.cast(inputs, "float32")
         size = math.prod(inputs.shape[1:])
         source = ops.reshape(x, (-1, size))  # (N, D)
-        rows = ops.stop_gradient(ops.relu(source) if relu else source)  # the gradient is normalize's
+        rows = ops.stop_gradient(ops.relu(source) if relu and not relu_applied else source)  # the gradient is normalize's
         gamma = ops.reshape(ops.cast(self.gamma, "float32"), (1, size))
         beta = ops.reshape(ops.cast(self.beta, "float32"), (1, size))
         ones_d = ops.ones((size, 1))
@@ -361,23 +382,71 @@ class Sequential(keras.Sequential):
     ReLU's gradient inside the norm's. A block makes 18 passes over its activations instead of 25;
     outputs and gradients are the layers' own, one after another (tests/test_layers.py: to float32
     rounding; measured here: to the bit). The mask is hashed inside the norm's expressions because
-    made apart and read there it cost more than it saved (docs/speed.md). Inference, and any other
-    run of layers, is Keras's own, layer by layer; saved files name keras.Sequential."""
+    made apart and read there it cost more than it saved (docs/speed.md).
+    A ReLU after a convolution without bias, in training and in inference, is relu(x + 0) with a
+    BiasAdd (_relu_into_conv): TensorFlow's graph optimizer (grappler's remapper) fuses Conv2D ->
+    BiasAdd -> Relu into one oneDNN convolution that applies the ReLU as it writes, so the ReLU's
+    own pass goes (adding zero changes no value). Anything else is Keras's own, layer by layer;
+    saved files name keras.Sequential."""
 
     def call(self, inputs, training=None, mask=None, **kwargs):
-        if (not training or mask is not None or kwargs or keras.backend.backend() != "tensorflow"
+        if (mask is not None or kwargs or keras.backend.backend() != "tensorflow"
                 or keras.backend.is_keras_tensor(inputs)):
             return super().call(inputs, training=training, mask=mask, **kwargs)
         x, layers, i = inputs, self.layers, 0
         while i < len(layers):
-            if _fusable(layers[i:i + 3], x):
+            after_conv = i > 0 and _conv_without_bias(layers[i - 1])
+            if training and _fusable(layers[i:i + 3], x):
                 relu, norm, dropout = layers[i:i + 3]
-                x = norm.fused_call(x, relu=True, keep=dropout.mask_key())
+                if after_conv:  # ReLU applied by the convolution, its gradient by the norm's
+                    x = norm.fused_call(_relu_into_conv(x, gradient=False), relu=True, relu_applied=True,
+                                        keep=dropout.mask_key())
+                else:
+                    x = norm.fused_call(x, relu=True, keep=dropout.mask_key())
                 i += 3
+                continue
+            if not training and after_conv and _plain_relu(layers[i]):
+                x = _relu_into_conv(x)
             else:
-                x = layers[i](x, training=training)
-                i += 1
+                x = layers[i](x) if training is None else layers[i](x, training=training)
+            i += 1
         return x
+
+
+def _relu_into_conv(x, gradient: bool = True):
+    """relu(x) written as relu(x + 0) with a BiasAdd, the pattern grappler fuses into the
+    convolution that made x. For the 10k-image evaluation the ReLUs of blocks 1 and 2 took 65 ms;
+    the fused convolutions take what the convolutions alone took (block 2 at batch 1000: 25.3
+    against 25.1 ms, 29.8 as two ops; docs/speed.md). Without `gradient`, the
+    gradient passes through unmasked, for a norm layer whose backward expression applies the
+    ReLU's gradient (fused_call with relu_applied): no ReluGrad pass, and the fusion still holds
+    (a custom gradient does not add a consumer of the convolution's output)."""
+    import tensorflow as tf
+
+    if not gradient:
+        @tf.custom_gradient
+        def relu_passing_gradient(t):
+            return _relu_into_conv(t), lambda upstream: upstream
+
+        return relu_passing_gradient(x)
+
+    key = (x.shape[-1], x.dtype)
+    if key not in _ZEROS:  # made eagerly, so a trace captures it as an input: grappler would fold a constant zero away
+        with tf.init_scope():
+            _ZEROS[key] = tf.zeros((x.shape[-1],), x.dtype)
+    return tf.nn.relu(tf.nn.bias_add(x, _ZEROS[key]))
+
+
+_ZEROS = {}
+
+
+def _plain_relu(layer) -> bool:
+    return type(layer) is keras.layers.ReLU and layer.max_value is None and not layer.negative_slope and not layer.threshold
+
+
+def _conv_without_bias(layer) -> bool:
+    return (isinstance(layer, keras.layers.Conv2D) and not layer.use_bias
+            and layer.activation is keras.activations.linear)
 
 
 def _fusable(block, x) -> bool:
@@ -386,8 +455,7 @@ def _fusable(block, x) -> bool:
     if len(block) != 3:
         return False
     relu, norm, dropout = block
-    return (type(relu) is keras.layers.ReLU and relu.max_value is None and not relu.negative_slope
-            and not relu.threshold and type(norm) in (BatchNormalization, GroupNormalization, LayerNormalization)
+    return (_plain_relu(relu) and type(norm) in (BatchNormalization, GroupNormalization, LayerNormalization)
             and norm.fusable(x) and type(dropout) is Dropout and dropout.rate > 0 and dropout.noise_shape is None)
 
 
@@ -448,26 +516,30 @@ def with_keras_classes(path) -> bool:
 
 def with_our_classes(model):
     """The model with normtf's layers in place of the Keras layers they replace (the inverse of
-    with_keras_classes), same config and weights: normtf evaluates a loaded file at its own layers'
-    speed, and to what it computed when training. Keras's GroupNormalization made the 10k-image
-    evaluation of a group-norm model 1.8x as slow. Other models than Sequential ones (normtf's are)
-    are returned as they are."""
-    return _clone_with(model, {getattr(keras.layers, name): cls for name, cls in OURS.items()})
+    with_keras_classes), same config and weights, as normtf's Sequential: normtf evaluates a loaded
+    file at its own layers' speed, and to what it computed when training. Keras's
+    GroupNormalization made the 10k-image evaluation of a group-norm model 1.8x as slow. Other
+    models than Sequential ones (normtf's are) are returned as they are."""
+    return _clone_with(model, {getattr(keras.layers, name): cls for name, cls in OURS.items()}, Sequential)
 
 
 def with_keras_layers(model, names=None):
     """The model with Keras's own layers in place of normtf's (all, or those of OURS's `names`),
-    same config and weights: what normtf's layers are measured against (`normtf bench --against
-    keras-layers`, or keras-Dropout etc. for one class)."""
+    same config and weights, as a keras.Sequential: what normtf's layers are measured against
+    (`normtf bench --against keras-layers`, or keras-Dropout etc. for one class)."""
     return _clone_with(model, {cls: getattr(keras.layers, name) for name, cls in OURS.items()
-                               if names is None or name in names})
+                               if names is None or name in names}, keras.Sequential)
 
 
-def _clone_with(model, classes: dict):
-    """A copy of a Sequential model whose layers of a class in `classes` are made by its value."""
-    if not isinstance(model, keras.Sequential) or not any(type(layer) in classes for layer in model.layers):
+def _clone_with(model, classes: dict, sequential):
+    """A copy of a Sequential model as class `sequential`, whose layers of a class in `classes`
+    are made by its value."""
+    if not isinstance(model, keras.Sequential) or (
+            type(model) is sequential and not any(type(layer) in classes for layer in model.layers)):
         return model
     copy = keras.models.clone_model(
         model, clone_function=lambda layer: classes.get(type(layer), type(layer)).from_config(layer.get_config()))
+    if type(copy) is not sequential:
+        copy = sequential(copy._layers, name=copy.name)  # _layers: the input layer too
     copy.set_weights(model.get_weights())
     return copy

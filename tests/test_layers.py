@@ -104,13 +104,25 @@ def test_batch_norm_matches_float64_at_a_large_batch(jit, dataset):
         assert np.abs(got - truth).max() <= 1e-5 * np.abs(truth).max(), what
 
 
-def test_batch_norm_inference_is_keras(activations):
+def test_batch_norm_inference_is_keras_to_one_rounding(activations):
+    """Inference is x * a + (beta - mean * a) as Keras computes it (tf.nn.batch_normalization), in
+    one XLA pass: XLA fuses the product and the sum (one rounding where TensorFlow's two ops
+    round twice), so the output is within one float32 rounding of Keras's and no further from
+    the exact value (float64)."""
     reference, mine = PAIRS["batch"][0]("float32"), PAIRS["batch"][1]("float32")
+    gamma = np.random.default_rng(0).normal(1, 0.3, 14)
     for layer in (reference, mine):
         layer(activations, training=True)
         layer.moving_mean.assign(np.linspace(0, 1, 14))
         layer.moving_variance.assign(np.linspace(1, 2, 14))
-    np.testing.assert_array_equal(reference(activations, training=False), mine(activations, training=False))
+        layer.gamma.assign(gamma)
+    a = np.asarray(reference(activations, training=False), np.float64)
+    b = np.asarray(mine(activations, training=False), np.float64)
+    gamma, beta = (np.asarray(w, np.float64) for w in (mine.gamma, mine.beta))
+    scale = gamma / np.sqrt(np.linspace(1, 2, 14) + EPS)
+    truth = np.asarray(activations, np.float64) * scale + (beta - np.linspace(0, 1, 14) * scale)
+    np.testing.assert_allclose(b, a, rtol=0, atol=2 * np.spacing(np.float32(np.abs(a).max())))
+    assert np.abs(b - truth).max() <= np.abs(a - truth).max()
 
 
 @pytest.mark.parametrize("name", ["batch", "group", "layer"])
@@ -257,6 +269,71 @@ def _training_call(norm, x, fused: bool, jit: bool = False, policy: str = "float
         return [np.asarray(tf.cast(t, tf.float64)) for t in [y, *grads, *model.non_trainable_weights]]
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def _executed_ops(fn, *args) -> list[str]:
+    """The kernels TensorFlow ran for one call of fn (a tf.function), as "name:type", from a
+    profiler trace: what grappler made of the graph, which the traced graph does not show."""
+    import glob
+    import tempfile
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    fn(*args)  # traced and optimized outside the trace
+    logdir = tempfile.mkdtemp()
+    tf.profiler.experimental.start(logdir)
+    try:
+        fn(*args)
+    finally:
+        tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    return [plane.event_metadata[event.metadata_id].name for plane in space.planes
+            if plane.name.startswith("/host:CPU") for line in plane.lines for event in line.events]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_the_models_inference_fuses_each_relu_into_its_convolution(norm, dataset):
+    """In inference, normtf's Sequential writes each ReLU after a bias-free convolution as
+    relu(x + 0), which grappler's remapper fuses with the convolution into one kernel: six
+    fused convolutions, no ReLU kernel left, and the output is the layers' one after another
+    (keras.Sequential's call) to the bit."""
+    x = tf.constant(data.normalized(dataset.x_test[:64], dataset.mean, dataset.std))
+    model = build_model(norm)
+    model(x, training=True)  # moves batch norm's statistics off their initial values
+    fused = tf.function(lambda x: model(x, training=False))
+    plain = tf.function(lambda x: keras.Sequential.call(model, x, training=False))
+    np.testing.assert_array_equal(fused(x), plain(x))
+    kernels = [name.split(":")[-1] for name in _executed_ops(fused, x) if ":" in name]
+    assert sum(kernel.endswith("FusedConv2D") for kernel in kernels) == 6, kernels
+    assert "Relu" not in kernels
+    assert sum(kernel == "Relu" for kernel in
+               [name.split(":")[-1] for name in _executed_ops(plain, x) if ":" in name]) == 6  # the check can fail
+
+
+@pytest.mark.parametrize("norm", ["batch-l1", "group", "layer"])
+def test_the_training_step_applies_each_relu_in_its_convolution(norm, dataset):
+    """In training too, each block's ReLU runs inside its convolution (a fused convolution, as in
+    inference) and its gradient inside the norm's backward expression: six fused convolutions in
+    a step, and no ReLU or ReLU-gradient kernel (keras.Sequential's call, layer by layer, runs
+    six of each: the check can fail). That the gradients are right is the test above."""
+    x = tf.constant(data.normalized(dataset.x_test[:32], dataset.mean, dataset.std))
+    model = build_model(norm)
+
+    def step(call):
+        @tf.function
+        def run(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(call(x, training=True))
+            return tape.gradient(loss, model.trainable_weights)
+        return [name.split(":")[-1] for name in _executed_ops(run, x) if ":" in name]
+
+    fused = step(model)
+    assert sum(kernel.endswith("FusedConv2D") for kernel in fused) == 6, fused
+    assert not {"Relu", "ReluGrad"} & set(fused)
+    plain = step(lambda x, training: keras.Sequential.call(model, x, training=training))
+    assert plain.count("Relu") == plain.count("ReluGrad") == 6
 
 
 @pytest.mark.parametrize("norm", NORMS)

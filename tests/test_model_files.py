@@ -113,6 +113,7 @@ def test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset):
     for norm, path in trained.items():
         plain = keras.saving.load_model(path, compile=False)
         mine = ours.with_our_classes(plain)
+        assert type(plain) is keras.Sequential and type(mine) is ours.Sequential  # fused as in training
         assert [layer.name for layer in mine.layers] == [layer.name for layer in plain.layers]
         assert [type(layer).__name__ for layer in mine.layers] == [type(layer).__name__ for layer in plain.layers]
         for a, b in zip(plain.get_weights(), mine.get_weights()):
@@ -129,6 +130,7 @@ def test_with_keras_layers_is_the_model_in_keras_classes(norm, dataset):
     float32 rounding: the two sum in different orders)."""
     model = build_model(norm)
     plain = ours.with_keras_layers(model)
+    assert type(model) is ours.Sequential and type(plain) is keras.Sequential
     assert [type(layer) for layer in plain.layers] == [
         getattr(keras.layers, type(layer).__name__) if type(layer) in ours.OURS.values() else type(layer)
         for layer in model.layers]
