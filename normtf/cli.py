@@ -59,9 +59,11 @@ def friendly(tensorflow: bool = True):
             try:
                 check_options(kwargs)
                 if tensorflow:
-                    from normtf.quiet import start_tensorflow
+                    from normtf import quiet
 
-                    start_tensorflow()
+                    if kwargs.get("deterministic") and quiet.threads is None:
+                        quiet.threads = 1  # the thread count changes the last bits: pinned, whatever --jobs
+                    quiet.start_tensorflow()
                 return command(*args, **kwargs)
             except Interrupted as e:
                 fail(f"[yellow]{escape(str(e))}[/]", EXIT_INTERRUPTED)
@@ -110,7 +112,8 @@ Precision = Annotated[Literal[defaults.PRECISIONS], typer.Option(
 Jit = Annotated[Literal[defaults.JIT_MODES], typer.Option(
     help="XLA compilation: auto (on for GPU, off for CPU), on or off.")]
 Deterministic = Annotated[bool, typer.Option(
-    "--deterministic", help="TensorFlow op determinism: bit-identical reruns and resumes (no measurable cost on CPU).")]
+    "--deterministic", help="TensorFlow op determinism and one thread per run (unless 'normtf --threads'): "
+                            "bit-identical reruns and resumes, whatever --jobs and the machine's core count.")]
 Strategy = Annotated[Literal[defaults.STRATEGIES], typer.Option(
     help="default (one device), mirrored (all local GPUs) or multi-worker (machines named by TF_CONFIG); "
          "the batch is split over the replicas.")]
@@ -123,12 +126,28 @@ StepsPerExecution = Annotated[Optional[int], typer.Option(
          "a GPU, 1 on CPU. With --jit on --precision mixed_float16 it asks for the GPU configuration on any machine.")]
 Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished run with these settings exists.")]
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
+Jobs = Annotated[str, typer.Option(
+    metavar="auto|N", help="Runs trained at once, each in its own process with its share of the cores (cores / N "
+                           "threads). auto: one per core (per 'normtf --threads' cores), at most the runs left, the "
+                           "free memory and 4 per GPU allow; 1: one after another in this process.")]
+Cluster = Annotated[Optional[str], typer.Option(
+    metavar="ADDRESS", help="Train the runs as tasks on a Ray cluster (pip install 'normtf[ray]'): its address as "
+                            "ray.init takes it (auto on a node of the cluster, ray://host:10001), or local for a "
+                            "throwaway Ray on this machine. Finished runs come back to --runs-dir.")]
 
 
-def _progress(with_seed: bool):
-    from normtf.progress import EpochProgress
+def _grid(ctx: typer.Context, jobs: str, cluster: str | None, config: TrainConfig) -> dict:
+    """--jobs and --cluster as study.compare and sweep.run_sweep take them. A run spread over several
+    devices (--strategy) is one job at a time; asking for more is refused."""
+    from normtf.grid import parse_jobs
 
-    return lambda c: [EpochProgress(f"{c.norm} seed {c.seed}" if with_seed else c.norm)]
+    count = parse_jobs(jobs)
+    if config.strategy != "default":
+        if (count or 1) > 1 or cluster is not None:
+            raise UsageError(f"--strategy {config.strategy} spreads one run over several devices; --jobs and "
+                             "--cluster train several runs side by side: use one or the other")
+        count = 1
+    return {"jobs": count, "cluster": cluster}
 
 
 def _writable(directory: Path) -> Path:
@@ -178,14 +197,15 @@ def train(ctx: typer.Context,
           train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
           jit: Jit = DEFAULTS.jit, steps_per_execution: StepsPerExecution = None, deterministic: Deterministic = False,
           seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
-          data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False):
+          data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False, jobs: Jobs = "auto",
+          cluster: Cluster = None):
     """Train one variant. The run goes into <runs-dir>/<norm>/; run the same command again to resume it."""
     from normtf import study
     from normtf.console import console, results_table, warn
 
     config = _config(ctx, locals(), norm=norm.value)
-    results = study.compare([config.norm], config, runs_dir, parse_seeds(seeds, seed), _progress(bool(seeds)), force,
-                            data_dir, tensorboard, warn)
+    results = study.compare([config.norm], config, runs_dir, parse_seeds(seeds, seed), force=force, data_dir=data_dir,
+                            tensorboard=tensorboard, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
     for result in results:
         if result.reused:
             console.print(f"{result.run.path} already holds this finished run (use --force to retrain).")
@@ -207,7 +227,7 @@ def compare(ctx: typer.Context, norm: Norms = None,
             deterministic: Deterministic = False, seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy,
             sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
             img_dir: ImgDir = Path("img"), data_dir: DataDir = None, tensorboard: Tensorboard = False,
-            force: Force = False):
+            force: Force = False, jobs: Jobs = "auto", cluster: Cluster = None):
     """Train several variants, then draw them. Finished runs are reused; the figures show the curves and mistakes."""
     from normtf import study
     from normtf.console import console, results_table, warn
@@ -217,8 +237,8 @@ def compare(ctx: typer.Context, norm: Norms = None,
         raise UsageError("name the variants with --norm (repeatable) or use --all")
     config = _config(ctx, locals(), norm=norms[0])
     img_dir = _writable(dataset_dir(img_dir, dataset))
-    results = study.compare(norms, config, runs_dir, parse_seeds(seeds, seed), _progress(bool(seeds)), force, data_dir,
-                            tensorboard, warn)
+    results = study.compare(norms, config, runs_dir, parse_seeds(seeds, seed), force=force, data_dir=data_dir,
+                            tensorboard=tensorboard, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
     console.print(results_table(study.by_norm(results), title="normtf compare"))
     written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
                *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]
@@ -243,26 +263,27 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
           runs_dir: RunsDir = Path("runs/sweep"),
           out: Annotated[Optional[Path], typer.Option(
               help="The sweep's table as JSON. Default: results/sweep.json (results/<dataset>/sweep.json).")] = None,
-          img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False):
+          img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False, jobs: Jobs = "auto",
+          cluster: Cluster = None):
     """Test error against batch size. Each variant at each batch size and seed, on the same budget of images;
     batch norm also with precise statistics (each layer's mean and variance recomputed over the training images)."""
     from normtf import sweep as sweeps
     from normtf.console import console, sweep_table, warn
-    from normtf.progress import EpochProgress
 
     sizes = parse_batch_sizes(batch_sizes)
     norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
     img_dir = _writable(dataset_dir(img_dir, dataset))
     out = out or dataset_dir("results", dataset) / "sweep.json"
-    summary = sweeps.run_sweep(norms, sizes, _config(ctx, locals(), norm=norms[0]), scale_lr, runs_dir, out,
-                               parse_seeds(seeds, seed), force=force, data_dir=data_dir, warn=warn,
-                               callbacks_for=lambda c: [EpochProgress(f"{c.norm} at batch size {c.batch_size}, seed {c.seed}")])
+    config = _config(ctx, locals(), norm=norms[0])
+    summary = sweeps.run_sweep(norms, sizes, config, scale_lr, runs_dir, out, parse_seeds(seeds, seed), force=force,
+                               data_dir=data_dir, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
     console.print(sweep_table(summary))
     console.print(f"wrote {out} and {sweeps.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
-    failed = [f"{row['norm']} at batch size {row['batch_size']}, seed {row['seed']}"
+    failed = [f"{row['norm']} at batch size {row['batch_size']}, seed {row['seed']} "
+              f"({row.get('failure', 'loss not finite') if row['status'] == 'failed' else 'trained by another process'})"
               for row in summary["rows"] if row["status"] != "finished"]
     if failed:
-        raise RunFailed(f"{len(failed)} of {len(summary['rows'])} runs failed (non-finite loss): {', '.join(failed)}")
+        raise RunFailed(f"{len(failed)} of {len(summary['rows'])} runs did not finish: {', '.join(failed)}")
 
 
 @app.command()

@@ -60,6 +60,7 @@ JIT_MODES = ("auto", "on", "off")
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
 MAX_SEED = 2**32 - 1  # what keras.utils.set_random_seed (NumPy's seed) accepts
+MAX_JOBS = 256  # --jobs: runs trained at once
 
 
 def _number(v) -> bool:
@@ -93,6 +94,8 @@ RULES = {
     "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     "steps_per_execution": (_whole(1, 1000), "a whole number from 1 to 1,000"),
     "count": (_whole(1, 10_000), "a whole number from 1 to 10,000"),
+    "jobs": (lambda v: v == "auto" or (str(v).isdigit() and 1 <= int(v) <= MAX_JOBS), f"auto or a whole number from 1 to {MAX_JOBS}"),
+    "cluster": (lambda v: bool(str(v).strip()), "an address of a Ray cluster (auto, ray://host:10001) or local"),
     "repeats": (_whole(1, 100), "a whole number from 1 to 100"),
     "steps": (_whole(1, 100_000), "a whole number from 1 to 100,000"),
     # Parsed by their own functions, which raise the specific message; valid values pass.

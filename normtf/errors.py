@@ -23,3 +23,7 @@ class Interrupted(NormtfError):
 
 class RunFailed(NormtfError):
     """A run ended failed (its loss became NaN or infinite); the others of the command still ran."""
+
+
+class RunLocked(NormtfError):
+    """Another normtf process holds the run's lock: it is training it now."""

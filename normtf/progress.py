@@ -1,11 +1,18 @@
-"""Live progress during training: a bar per epoch, then one line per finished epoch (rich)."""
+"""Live progress during training: a bar per epoch and a line per finished epoch for one run at a time;
+for a grid of runs side by side, a line per running run and a bar for the grid (rich), and the
+reports its worker processes send (normtf.grid)."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import keras
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from normtf.console import console, percent
+
+REPORT_EVERY = 0.25  # seconds between a grid worker's progress reports
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -49,3 +56,84 @@ class EpochProgress(keras.callbacks.Callback):
                 f"train loss {logs['ce']:.4f} acc {percent(logs['accuracy'])}   "
                 f"test loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}",
                 highlight=False)
+
+
+class GridProgress:
+    """Several runs at once (normtf.grid): one live line per running run (its epoch, step, loss and
+    accuracy so far), one bar for the whole grid, and a line per finished epoch and run above them.
+    Where the output is not a terminal (a log file), only the lines."""
+
+    def __init__(self):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console,
+                                 transient=True, disable=not console.is_terminal)
+        self.tasks: dict[int, int] = {}
+
+    def _say(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False, soft_wrap=True)
+
+    def start(self, runs: int, jobs: int, threads: int, where: str = "") -> None:
+        self._say(f"training {runs:,} run{'s' if runs != 1 else ''}, {jobs} at a time{where}, "
+                  f"{threads} thread{'s' if threads != 1 else ''} each")
+        self.grid = self.progress.add_task("all runs", total=runs, stats="")
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def update(self, index: int, label: str, kind: str, *values) -> None:
+        if kind == "begin":
+            self.tasks[index] = self.progress.add_task(label, total=None, stats="starting")
+        elif kind == "step" and index in self.tasks:
+            epoch, epochs, step, steps, stats = values
+            self.progress.update(self.tasks[index], description=f"{label} epoch {epoch}/{epochs}", total=steps,
+                                 completed=step, stats=f"loss {stats[0]:.4f} acc {percent(stats[1])}" if stats else "")
+        elif kind == "epoch":
+            epoch, epochs, logs = values
+            self._say(f"{label} epoch {epoch:>2}/{epochs}  train loss {logs['ce']:.4f} acc {percent(logs['accuracy'])}   "
+                      f"test loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}")
+
+    def finished(self, index: int, label: str, result) -> None:
+        if index in self.tasks:
+            self.progress.remove_task(self.tasks.pop(index))
+        if result is None:  # interrupted: the closing line says what is kept
+            return
+        self.progress.advance(self.grid)
+        metrics = result.metrics
+        if metrics["status"] == "finished":
+            self._say(f"{label}: finished, test accuracy {percent(metrics['final_test_accuracy'])}")
+        elif metrics["status"] == "failed":
+            self._say(f"{label}: [red]failed[/]: {metrics['failure']['reason']}")
+
+
+class Reporter(keras.callbacks.Callback):
+    """In a grid's worker process (normtf.grid): the run's progress to the pool (steps at most every REPORT_EVERY seconds), and
+    a stop, keeping the finished epochs, if the pool's process has gone (killed, its terminal closed)."""
+
+    def __init__(self, events, pid: int, index: int, parent: int):
+        super().__init__()
+        self.events, self.pid, self.index, self.parent = events, pid, index, parent
+        self.last = 0.0
+
+    def _check_parent(self):
+        if os.getppid() != self.parent:
+            raise KeyboardInterrupt
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._check_parent()
+        self.epoch = epoch + 1
+        self.events.put(("step", self.pid, self.index, self.epoch, self.params["epochs"], 0, self.params["steps"], None))
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        if now - self.last >= REPORT_EVERY:
+            self._check_parent()
+            self.last = now
+            logs = logs or {}
+            self.events.put(("step", self.pid, self.index, self.epoch, self.params["epochs"], batch + 1,
+                             self.params["steps"], (float(logs.get("ce", 0)), float(logs.get("accuracy", 0)))))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "val_accuracy" in logs:
+            self.events.put(("epoch", self.pid, self.index, epoch + 1, self.params["epochs"],
+                             {key: float(value) for key, value in logs.items()}))

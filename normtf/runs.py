@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from normtf.config import TrainConfig
-from normtf.errors import CorruptFile, NormtfError
+from normtf.errors import CorruptFile, NormtfError, RunLocked
 from normtf.files import atomic_write, read_json, write_json
 from normtf.norms import relevant
 
@@ -161,7 +161,7 @@ class RunDir:
                 handle.seek(0)
                 holder = handle.read().strip() or "unknown"
                 handle.close()
-                raise NormtfError(f"another normtf process (pid {holder}) is training into {self.path}; "
+                raise RunLocked(f"another normtf process (pid {holder}) is training into {self.path}; "
                                   "wait for it to finish or use another --runs-dir") from None
             try:
                 if os.fstat(handle.fileno()).st_ino == os.stat(self.lock_file).st_ino:

@@ -2,37 +2,45 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from normtf import data
 from normtf import figures
+from normtf import grid
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError, RunFailed
 from normtf.evaluation import evaluate_file
 from normtf.norms import color, get_norm
 from normtf.runs import RunDir, dataset_dir
-from normtf.training import TrainResult, preflight, train
+from normtf.training import TrainResult, preflight
 
 
 def compare(norms: list[str], config: TrainConfig, runs_dir: Path, seeds: list[int] | None = None,
             callbacks_for=lambda config: (), force: bool = False, data_dir: Path | None = None,
-            tensorboard: bool = False, warn=lambda message: None) -> list[TrainResult]:
-    """Train each variant in turn, once per seed if `seeds`, reusing finished runs with the same
-    settings. Every run is checked before the first one starts."""
+            tensorboard: bool = False, warn=lambda message: None, jobs: int | None = 1, cluster: str | None = None,
+            show: bool = False) -> list[TrainResult]:
+    """Train each variant, once per seed if `seeds`, reusing finished runs with the same settings:
+    `jobs` at a time (None: as many as the machine holds), or on the Ray cluster at `cluster`
+    (normtf.grid). Every run is checked before the first one starts."""
     configs = [preflight(config.replace(norm=norm, seed=seed), runs_dir, bool(seeds), force)
                for norm in norms for seed in seeds or [config.seed]]
-    dataset = functools.cache(lambda: data.load(config.dataset, data_dir, warn=warn))
-    return [train(c, runs_dir, dataset=dataset, callbacks=callbacks_for(c), tensorboard=tensorboard, force=force,
-                  per_seed=bool(seeds), warn=warn) for c in configs]
+    runs = [grid.Job(c, Path(runs_dir), bool(seeds), f"{c.norm} seed {c.seed}" if seeds else c.norm) for c in configs]
+    options = grid.Options(force=force, tensorboard=tensorboard, data_dir=data_dir)
+    return grid.run(runs, jobs, cluster, options, callbacks_for, show, warn)
 
 
 def raise_if_failed(results: list[TrainResult]) -> None:
-    """After every run had its turn: RunFailed naming the runs that ended failed, if any."""
+    """After every run had its turn: RunFailed naming the runs that ended failed, if any; else a
+    NormtfError naming the runs another normtf process was training (theirs to finish)."""
     failed = [r for r in results if r.metrics.get("status") == "failed"]
     if failed:
         raise RunFailed(f"{len(failed)} of {len(results)} runs failed: " + "; ".join(
             f"{r.run.path} ({r.metrics['failure']['reason']})" for r in failed))
+    busy = [r for r in results if r.metrics.get("status") == "busy"]
+    if busy:
+        raise NormtfError(f"{len(busy)} of {len(results)} runs were being trained by another normtf process: "
+                          + ", ".join(str(r.run.path) for r in busy) + "; run the same command again once it has "
+                          "finished, to draw them all")
 
 
 def by_norm(results: list[TrainResult]) -> dict[str, list[TrainResult]]:

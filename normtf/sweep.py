@@ -19,13 +19,14 @@ from pathlib import Path
 
 from normtf import data
 from normtf import figures
+from normtf import grid
 from normtf.config import TrainConfig
 from normtf.errors import UsageError
 from normtf.evaluation import evaluate_file
 from normtf.files import write_json
 from normtf.norms import color, get_norm
 from normtf.runs import RunDir
-from normtf.training import TrainResult, preflight, train
+from normtf.training import TrainResult, preflight
 
 REFERENCE_BATCH = TrainConfig().batch_size  # the learning rate is the recipe's at this batch size
 ERROR, PRECISE = "test_error_percent", "test_error_percent_precise_bn"  # with moving averages; with precise statistics
@@ -49,21 +50,24 @@ def sweep_configs(norms: list[str], batch_sizes: list[int], base: TrainConfig, s
 
 def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale_lr: bool, runs_dir: Path,
               out: Path, seeds: list[int] | None = None, callbacks_for=lambda config: (), force: bool = False,
-              data_dir: Path | None = None, warn=lambda message: None) -> dict:
-    """Train (or reuse) every config under runs_dir/batch-<size>/<norm>/seed-<s>/, measure every
-    finished batch-norm run again with precise statistics, and write the rows and their summary to
-    `out`. A run that a sweep made before --seeds left in batch-<size>/<norm>/ itself is reused there
-    when it is this finished run (unless `force`). Every run is checked before the first one starts."""
+              data_dir: Path | None = None, warn=lambda message: None, jobs: int | None = 1,
+              cluster: str | None = None, show: bool = False) -> dict:
+    """Train (or reuse) every config under runs_dir/batch-<size>/<norm>/seed-<s>/, `jobs` at a time
+    or on a Ray cluster (normtf.grid), measure every finished batch-norm run again with precise
+    statistics, and write the rows and their summary to `out`. A run that a sweep made before
+    --seeds left in batch-<size>/<norm>/ itself is reused there when it is this finished run
+    (unless `force`). Every run is checked before the first one starts."""
     seeds = seeds or [base.seed]
     planned = []
     for config in sweep_configs(norms, batch_sizes, base, scale_lr, seeds):
         directory = Path(runs_dir) / f"batch-{config.batch_size}"
         per_seed = force or RunDir.for_config(directory, config).status(config) != "finished"
-        planned.append((preflight(config, directory, per_seed, force), directory, per_seed))
+        planned.append(grid.Job(preflight(config, directory, per_seed, force), directory, per_seed,
+                                f"{config.norm} at batch size {config.batch_size}, seed {config.seed}"))
+    options = grid.Options(force=force, data_dir=data_dir)
+    results = grid.run(planned, jobs, cluster, options, callbacks_for, show, warn)
     dataset = functools.cache(lambda: data.load(base.dataset, data_dir, warn=warn))
-    rows = [_row(train(config, directory, dataset=dataset, callbacks=callbacks_for(config), force=force,
-                       per_seed=per_seed, warn=warn), dataset, warn)
-            for config, directory, per_seed in planned]
+    rows = [_row(result, dataset, warn) for result in results]
     order = list(dict.fromkeys(norms))
     rows.sort(key=lambda r: (r["batch_size"], order.index(r["norm"]), seeds.index(r["seed"])))
     summary = {"dataset": base.dataset, "lr_scaled": scale_lr, "reference_batch": REFERENCE_BATCH, "seeds": seeds,
@@ -84,7 +88,8 @@ def _row(result: TrainResult, dataset, warn) -> dict:
         evaluation = evaluate_file(result.run.model, dataset(), config.test_size, warn=warn, precise_bn=True)
         precise = 100 * (1 - evaluation.accuracy)
     return {"norm": config.norm, "batch_size": config.batch_size, "seed": config.seed, "lr": config.lr,
-            "status": metrics["status"], "test_accuracy": metrics["final_test_accuracy"] if finished else None,
+            "status": metrics["status"], **({"failure": metrics["failure"]["reason"]} if "failure" in metrics else {}),
+            "test_accuracy": metrics["final_test_accuracy"] if finished else None,
             ERROR: 100 * (1 - metrics["final_test_accuracy"]) if finished else None, PRECISE: precise,
             "mean_epoch_time": metrics.get("mean_epoch_time")}
 

@@ -1,0 +1,393 @@
+"""A grid of runs, side by side. The study (study.compare) and the sweep (sweep.run_sweep) say which
+runs; training.train trains one; this module decides where they train and how many at once, shows
+them while they do, and hands back their results in the order they were asked for.
+
+A 9,910-parameter model cannot keep many cores (or a GPU) busy, so a grid trains faster as several
+runs at once, each with a share of the machine, than as one run after another on all of it (on 2
+cores: docs/speed.md). `--jobs N` trains N runs at once on this machine, each in a process of its
+own (TensorFlow's thread pools, seed and precision policy are per process, so runs cannot disturb
+each other) with cores / N threads; `--jobs 1` trains them one after another in this process, as
+normtf always did. `--cluster ADDRESS` sends them to a Ray cluster instead (normtf.cluster).
+
+Whatever the jobs, a run's numbers are its own: with --deterministic every run uses one thread per
+pool (TensorFlow splits sums by thread count, so the thread count changes the last bits), and so
+its history and weights are the same alone or beside others. A run whose process dies is reported
+failed and the others go on; Ctrl-C stops every job and the same command resumes them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import multiprocessing
+import os
+import queue
+import signal
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from normtf import data
+from normtf.config import MAX_JOBS, TrainConfig
+from normtf.errors import Interrupted, NormtfError, RunLocked
+from normtf.norms import relevant
+from normtf.runs import RunDir
+
+RUNS_PER_GPU = 4  # small models share a GPU (memory growth on); not measured: no GPU has run normtf
+JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a grid: its settings, where it goes, and what the display calls it."""
+    config: TrainConfig
+    runs_dir: Path
+    per_seed: bool
+    label: str
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir.for_config(self.runs_dir, self.config, self.per_seed)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How every run of a grid trains (the same for all, so it crosses to a worker once). threads
+    and verbose are `normtf --threads` and `--verbose` (normtf.quiet), which the CLI sets; threads
+    None shares the cores out among the jobs."""
+    force: bool = False
+    tensorboard: bool = False
+    data_dir: Path | None = None
+    threads: int | None = dataclasses.field(default_factory=lambda: _quiet().threads)
+    verbose: bool = dataclasses.field(default_factory=lambda: _quiet().verbose)
+
+
+def _quiet():
+    from normtf import quiet
+
+    return quiet
+
+
+def cores() -> int:
+    """The cores this process may use (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new processes, where the system says (Linux); else None."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parse_jobs(text: str | int) -> int | None:
+    """--jobs: a whole number from 1 to MAX_JOBS, or auto (None)."""
+    if str(text) == "auto":
+        return None
+    return int(text)
+
+
+def plan(requested: int | None, runs: int, threads: int | None = None, gpus: int = 0) -> int:
+    """How many runs train at once. A number asked for is kept (never more than the runs). auto:
+    one job per `threads` cores (one thread each by default: per core, single-thread runs train the
+    most images per hour), at most RUNS_PER_GPU per GPU where there are GPUs, and no more than the
+    free memory holds at JOB_MEMORY each."""
+    if runs <= 1:
+        return 1
+    if requested is not None:
+        return min(requested, runs)
+    slots = max(1, cores() // (threads or 1))
+    if gpus:
+        slots = min(slots, gpus * RUNS_PER_GPU)
+    memory = available_memory()
+    if memory is not None:
+        slots = min(slots, max(1, int(memory // JOB_MEMORY)))
+    return max(1, min(slots, runs))
+
+
+def threads_per_job(jobs: int, threads: int | None) -> int:
+    return threads or max(1, cores() // jobs)
+
+
+def failed(job: Job, reason: str):
+    """The result of a run that ended without a result of its own (its process died, an error):
+    marked failed for the summary; its finished epochs stay on disk for the next command to resume."""
+    from normtf.training import TrainResult
+
+    run = job.run
+    try:
+        history = run.read_history()
+    except NormtfError:
+        history = []
+    return TrainResult(run, relevant(job.config), history, {"status": "failed", "norm": job.config.norm,
+                                                            "failure": {"reason": reason}})
+
+
+def busy(job: Job, reason: str):
+    """The result of a run another normtf process holds: it is that process's to train."""
+    from normtf.training import TrainResult
+
+    return TrainResult(job.run, relevant(job.config), [], {"status": "busy", "norm": job.config.norm,
+                                                           "reason": reason})
+
+
+def run(jobs: list[Job], workers: int | None = 1, cluster: str | None = None, options: Options = Options(),
+        callbacks_for=lambda config: (), show: bool = False, warn=lambda message: None) -> list:
+    """Train (or reuse) every job; results in the jobs' order. workers: how many at once (None:
+    auto); 1 trains in this process, with `callbacks_for(config)`'s Keras callbacks. `show`: the
+    progress on the terminal (a bar per epoch for one run at a time, progress.GridProgress for
+    several)."""
+    from normtf.progress import EpochProgress, GridProgress
+    from normtf.training import train
+
+    results: list = [None] * len(jobs)
+    dataset = _loader(options.data_dir, warn)
+    todo = []
+    for index, job in enumerate(jobs):  # finished runs are reused here, without starting a job
+        if not options.force and job.run.status(relevant(job.config)) == "finished":
+            results[index] = _train_here(train, job, options, dataset, (), warn)
+        else:
+            todo.append(index)
+    if not todo:
+        return results
+    display = GridProgress() if show else None
+    if cluster is not None:
+        from normtf import cluster as ray_cluster
+
+        return ray_cluster.run(jobs, todo, results, cluster, workers, options, display, warn)
+    import tensorflow as tf
+
+    count = plan(workers, len(todo), options.threads, len(tf.config.list_physical_devices("GPU")))
+    if count == 1:
+        for index in todo:
+            job = jobs[index]
+            callbacks = [*([EpochProgress(job.label)] if show else []), *callbacks_for(job.config)]
+            results[index] = _train_here(train, job, options, dataset, callbacks, warn)
+        return results
+    return _Pool(jobs, todo, results, count, options, display, warn).run()
+
+
+def _loader(data_dir, warn):
+    """The dataset of a name, loaded once, when a run first needs it."""
+    return functools.cache(lambda name: data.load(name, data_dir, warn=warn))
+
+
+def _train_here(train, job: Job, options: Options, dataset, callbacks, warn):
+    try:
+        return train(job.config, job.runs_dir, dataset=lambda: dataset(job.config.dataset), callbacks=callbacks,
+                     tensorboard=options.tensorboard, force=options.force, per_seed=job.per_seed, warn=warn)
+    except RunLocked as e:
+        warn(str(e))
+        return busy(job, str(e))
+
+
+# --- the local pool: a process per job -----------------------------------------------------------
+
+class _Pool:
+    """N worker processes (spawned: TensorFlow's state does not survive a fork), each training one
+    run at a time, handed the next when it reports the last. Workers run in process groups of
+    their own, so Ctrl-C reaches only this process, which passes it on once to each and waits for
+    them to keep their finished epochs."""
+
+    def __init__(self, jobs, todo, results, count, options, display, warn):
+        self.jobs, self.pending, self.results = jobs, deque(todo), results
+        self.count, self.options, self.display, self.warn = count, options, display, warn
+        self.threads = threads_per_job(count, options.threads)
+        self.context = multiprocessing.get_context("spawn")
+        self.events = self.context.Queue()
+        self.workers: list[_Worker] = []
+        self.stopping = None  # the signal that asked us to stop
+
+    def run(self) -> list:
+        import tensorflow as tf
+
+        gpus = len(tf.config.list_physical_devices("GPU"))
+        for slot in range(self.count):
+            self.workers.append(_Worker(self.context, self.events, self.threads, self.options,
+                                        slot % gpus if gpus else None))
+        if self.display:
+            self.display.start(len(self.pending), self.count, self.threads)
+        with _signals_to(self._stop):
+            try:
+                for worker in self.workers:
+                    self._next(worker)
+                while any(worker.current is not None for worker in self.workers):
+                    try:
+                        self._handle(self.events.get(timeout=0.2))
+                    except queue.Empty:
+                        self._reap()
+            finally:
+                for worker in self.workers:
+                    worker.finish()
+                if self.display:
+                    self.display.stop()
+        if self.stopping is not None:
+            done = sum(1 for r in self.results if r is not None and r.metrics.get("status") == "finished")
+            raise Interrupted(f"interrupted: {done} of {len(self.results)} runs are finished; the unfinished ones "
+                              "keep their finished epochs; run the same command again to resume them")
+        return self.results
+
+    def _stop(self, signum):
+        if self.stopping is None:
+            self.stopping = signum
+            self.pending.clear()
+            for worker in self.workers:
+                worker.signal(signal.SIGINT)
+
+    def _next(self, worker: _Worker) -> None:
+        if self.pending and self.stopping is None:
+            if not worker.alive():
+                worker.restart()
+            index = self.pending.popleft()
+            worker.give(index, self.jobs[index])
+        else:
+            worker.current = None
+
+    def _handle(self, event) -> None:
+        kind, pid, index, *rest = event
+        worker = next((w for w in self.workers if w.pid == pid), None)
+        job = self.jobs[index]
+        if kind == "warn":
+            self.warn(f"{job.label}: {rest[0]}")
+            return
+        if kind in ("begin", "epoch", "step"):
+            if self.display:
+                self.display.update(index, job.label, kind, *rest)
+            return
+        result = {"done": lambda: rest[0], "locked": lambda: busy(job, rest[0]),
+                  "error": lambda: failed(job, rest[0]), "interrupted": lambda: None}[kind]()
+        if kind in ("locked", "error"):
+            self.warn(f"{job.label}: {rest[0]}")
+        self.results[index] = result
+        if self.display:
+            self.display.finished(index, job.label, result)
+        if worker is not None and worker.current == index:
+            self._next(worker)
+
+    def _reap(self) -> None:
+        """A worker that died (killed, out of memory) while training: its run is failed, a new
+        worker takes the next run."""
+        for worker in self.workers:
+            if worker.current is not None and not worker.alive():
+                self._drain()  # its last words may still be in the queue
+                if worker.current is not None and not worker.alive():
+                    index = worker.current
+                    how = worker.exit_description()
+                    self.results[index] = None if self.stopping else failed(
+                        self.jobs[index], f"its process ended ({how}) during training")
+                    if self.results[index] is not None:
+                        self.warn(f"{self.jobs[index].label}: its process ended ({how}); its finished epochs are "
+                                  "kept, the same command resumes it")
+                        if self.display:
+                            self.display.finished(index, self.jobs[index].label, self.results[index])
+                    self._next(worker)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._handle(self.events.get(timeout=0.05))
+            except queue.Empty:
+                return
+
+
+class _Worker:
+    def __init__(self, context, events, threads, options, gpu):
+        self.context, self.events, self.threads, self.options, self.gpu = context, events, threads, options, gpu
+        self.current = None
+        self.restart()
+
+    def restart(self) -> None:
+        self.tasks = self.context.Queue()
+        self.process = self.context.Process(target=_worker_main, daemon=True,
+                                            args=(self.tasks, self.events, self.threads, self.options, self.gpu))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def give(self, index: int, job: Job) -> None:
+        self.current = index
+        self.tasks.put((index, job))
+
+    def signal(self, signum) -> None:
+        if self.alive():
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def exit_description(self) -> str:
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    def finish(self) -> None:
+        """Ask the worker to end and wait for it; one that does not end in time is killed."""
+        if self.alive():
+            try:
+                self.tasks.put(None)
+            except (OSError, ValueError):
+                pass
+            self.process.join(60)
+            if self.alive():
+                self.process.kill()
+                self.process.join()
+
+
+@contextmanager
+def _signals_to(stop):
+    """SIGINT and SIGTERM call stop(signum) instead of raising in whatever the pool was doing."""
+    previous = {signum: signal.signal(signum, lambda signum, frame: stop(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _worker_main(tasks, events, threads: int, options: Options, gpu: int | None) -> None:
+    """A worker process: TensorFlow started quietly with `threads` threads per pool, then one run
+    after another as the pool hands them over, every event reported on `events`."""
+    os.setpgrp()  # Ctrl-C in the terminal reaches the pool, which passes it on
+    parent = os.getppid()
+    pid = os.getpid()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    try:
+        from normtf import quiet
+
+        quiet.verbose, quiet.threads = options.verbose, threads
+        quiet.start_tensorflow()
+        from normtf.progress import Reporter
+        from normtf.training import train
+
+        dataset = _loader(options.data_dir, lambda message: None)
+        while True:
+            item = tasks.get()
+            if item is None:
+                return
+            index, job = item
+            events.put(("begin", pid, index, threads))
+            try:
+                result = train(job.config, job.runs_dir, dataset=lambda: dataset(job.config.dataset),
+                               callbacks=[Reporter(events, pid, index, parent)], tensorboard=options.tensorboard,
+                               force=options.force, per_seed=job.per_seed,
+                               warn=lambda message: events.put(("warn", pid, index, message)))
+                events.put(("done", pid, index, result))
+            except RunLocked as e:
+                events.put(("locked", pid, index, str(e)))
+            except (Interrupted, KeyboardInterrupt):
+                events.put(("interrupted", pid, index))
+                return
+            except NormtfError as e:
+                events.put(("error", pid, index, str(e)))
+            except Exception as e:  # a bug: the run is failed with what went wrong, the grid goes on
+                events.put(("error", pid, index, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"))
+    except KeyboardInterrupt:  # stopped while waiting for a run
+        return
