@@ -32,7 +32,9 @@ from normtf.training import TrainResult
 TOKEN = ".normtf-cluster-token"  # in each runs directory while a grid runs: proves a worker shares the disk
 
 
-def _ray():
+def _ray(address: str):
+    if address == "local":  # a throwaway Ray serves this process only: on loopback, as Ray keeps it on macOS
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -46,7 +48,7 @@ def run(jobs: list[grid.Job], todo: list[int], results: list, address: str, work
     """Train jobs[i] for i in todo on the Ray cluster at `address` ("local": a throwaway Ray on this
     machine); fill `results` in place and return it. workers: at most that many tasks at once
     (None: as many as the cluster schedules)."""
-    ray = _ray()
+    ray = _ray(address)
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=options.verbose,
                  **({"include_dashboard": False} if address == "local" else {}))

@@ -1,0 +1,136 @@
+"""A grid on a real Ray cluster (`--cluster`): a head started with `ray start --head` on free
+loopback ports, `normtf compare` sent to its address, the same numbers as the local pool's, a lost
+worker retried, and a worker that does not share the driver's disk sending the run's files back."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+
+from normtf import cluster, grid, quiet  # noqa: E402
+from normtf.config import TrainConfig  # noqa: E402
+from normtf.evaluation import evaluate_file, load_model  # noqa: E402
+from normtf.runs import RunDir  # noqa: E402
+
+RAY = str(Path(sys.executable).parent / "ray")
+TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200", "--deterministic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A one-node Ray cluster of 2 CPUs, its ports chosen free, stopped after the tests. On loopback
+    only (Ray otherwise announces the machine's network address; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    keeps it to 127.0.0.1, as on macOS), with a token of its own (Ray's token authentication, which
+    the driver in the test process's children finds through the same variables)."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    token = Path(temp) / "auth_token"
+    token.write_text(os.urandom(16).hex())
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    port = free_port()
+    ports = {flag: free_port() for flag in ("--node-manager-port", "--object-manager-port",
+                                            "--ray-client-server-port", "--dashboard-agent-listen-port",
+                                            "--dashboard-agent-grpc-port", "--metrics-export-port",
+                                            "--runtime-env-agent-port")}
+    started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                              "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+                              *[f"{flag}={value}" for flag, value in ports.items()]],
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+            os.environ.pop(name, None)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def normtf(*args):
+    return subprocess.run([sys.executable, "-m", "normtf", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+def same_run(a: RunDir, b: RunDir) -> None:
+    strip = lambda records: [{k: v for k, v in r.items() if k != "epoch_time"} for r in records]  # noqa: E731
+    assert strip(a.read_history()) == strip(b.read_history())
+    for x, y in zip(load_model(a.model).get_weights(), load_model(b.model).get_weights()):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_compare_on_a_ray_cluster_gives_the_local_pools_numbers(head, tmp_path):
+    norms = ["--norm", "group", "--norm", "batch"]
+    on_ray = normtf("compare", *norms, *TINY, "--cluster", head, "--runs-dir", tmp_path / "ray",
+                    "--img-dir", tmp_path / "ray" / "img")
+    assert on_ray.returncode == 0, on_ray.stderr
+    assert f"training 2 runs, 2 at a time on the Ray cluster at {head}, 1 thread each" in on_ray.stdout
+    assert (tmp_path / "ray" / "img" / "loss_accuracy.png").is_file()
+    assert not (tmp_path / "ray" / cluster.TOKEN).exists()  # the driver's token goes with the grid
+    local = normtf("compare", *norms, *TINY, "--jobs", "2", "--runs-dir", tmp_path / "local",
+                   "--img-dir", tmp_path / "local" / "img")
+    assert local.returncode == 0, local.stderr
+    for norm in ("group", "batch"):
+        same_run(RunDir(tmp_path / "ray" / norm), RunDir(tmp_path / "local" / norm))
+    again = normtf("compare", *norms, *TINY, "--cluster", head, "--runs-dir", tmp_path / "ray",
+                   "--img-dir", tmp_path / "ray" / "img")
+    assert again.returncode == 0 and "training" not in again.stdout  # finished runs are reused, no task sent
+
+
+@pytest.mark.slow
+def test_a_lost_ray_worker_is_retried_and_its_run_resumes(head, tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "normtf", "train", "--norm", "group", "--seeds", "1",
+                                "--epochs", "2", "--train-size", "1500", "--test-size", "200", "--deterministic",
+                                "--cluster", head, "--runs-dir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = RunDir(tmp_path / "group" / "seed-42")
+    deadline = time.time() + 300
+    while not (run.history.exists() and run.lock_file.exists() and run.lock_file.read_text().strip()):
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    os.kill(int(run.lock_file.read_text()), signal.SIGKILL)  # the Ray worker training it, in epoch 2
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert [r["epoch"] for r in run.read_history()] == [1, 2]  # resumed, not started over
+    assert run.status() == "finished"
+
+
+def test_a_worker_that_cannot_see_the_runs_dir_sends_the_run_back(tmp_path, dataset, monkeypatch):
+    """The task as a Ray worker on another machine runs it: the driver's token is not where it
+    looks, so it trains in a scratch directory and returns the files, which the driver writes."""
+    monkeypatch.setattr(quiet, "start_tensorflow", lambda: None)  # this process's TensorFlow is running
+
+    class Events:
+        def __init__(self):
+            self.items = []
+
+        def put(self, item):
+            self.items.append(item)
+
+    config = TrainConfig(norm="group", epochs=1, train_size=256, test_size=200)
+    job = grid.Job(config, tmp_path / "runs", False, "group")
+    events = Events()
+    kind, result, files = cluster._task(0, job, grid.Options(), 1, (str(tmp_path / "elsewhere" / cluster.TOKEN), "x"),
+                                        events)
+    assert kind == "files" and not job.run.path.exists()  # trained elsewhere
+    assert not Path(result.run.path).exists()  # the scratch directory is gone
+    assert {"config.json", "history.json", "history.csv", "metrics.json", "model.keras"} <= set(files)
+    assert [e[0] for e in events.items][:2] == ["begin", "step"] and events.items[-1][0] == "epoch"
+    written = cluster._write_back(job, result, files)
+    assert written.run.path == job.run.path and job.run.status(config) == "finished"
+    assert evaluate_file(job.run.model, dataset, 200).accuracy == pytest.approx(written.metrics["final_test_accuracy"])
