@@ -379,7 +379,7 @@ def diagrams(img_dir: Annotated[Optional[Path], typer.Option(
     from normtf.console import console
     from normtf.diagrams import draw_diagrams
 
-    img_dir = writable(figures_dir(img_dir, RUNS, "mnist"), "--img-dir")
+    img_dir = writable(figures_dir(img_dir, RUNS, DEFAULT_DATASET), "--img-dir")
     for path in draw_diagrams(img_dir, groups):  # --groups was checked with every option (config.RULES)
         console.print(f"wrote {path}")
 

@@ -10,6 +10,8 @@ command and flag it is (docs/how-it-works.md, "Where files go" and "Exit codes")
 
 from __future__ import annotations
 
+import errno
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,14 +39,18 @@ def bench_file(out: Path | None, against: str) -> Path:
 
 
 def writable(directory: Path | str, flag: str) -> Path:
-    """Fail now, not after an hour of training, if `directory` (made if missing) cannot take files:
-    one line naming the flag that chose it. The probe file's name is this process's own: two
-    compares started together into one --img-dir (README) once shared one, and the second to
-    remove it failed."""
+    """Fail now, not after an hour of training, if files cannot be made in `directory`: one line
+    naming the flag that chose it. Nothing is left behind (a command refused later, e.g. for
+    --tensorboard without TensorBoard, must not leave an empty directory): a missing directory is
+    judged by its nearest existing ancestor, which must be a directory that takes a file. The
+    probe file's name is this process's own: two compares started together into one --img-dir
+    (README) once shared one, and the second to remove it failed."""
     directory = Path(directory)
+    nearest = next(p for p in [directory, *directory.parents] if p.exists())
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".normtf-write-test."):
+        if not nearest.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(nearest))
+        with tempfile.NamedTemporaryFile(dir=nearest, prefix=".normtf-write-test."):
             pass
     except OSError as e:
         raise NormtfError(f"cannot write to {directory}: {e.strerror}; choose a writable {flag}") from None
