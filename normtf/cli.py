@@ -317,7 +317,10 @@ def evaluate(path: Annotated[Path, typer.Argument(
              dataset: Annotated[Optional[Literal[tuple(DATASETS)]], typer.Option(
                  help="The test set: " + ", ".join(DATASETS) + ". Default: the one the run's config.json names, "
                       "else mnist.")] = None,
-             test_size: TestSize = None, precise_bn: Annotated[bool, typer.Option(
+             test_size: Annotated[Optional[int], typer.Option(
+                 help="Score a seeded class-stratified subset of N test images. Default: the run's own test set "
+                      "(its config.json's test_size, the subset it was tested on in training), else all.")] = None,
+             precise_bn: Annotated[bool, typer.Option(
                  "--precise-bn", help="Also with precise batch-norm statistics: each batch-norm layer's mean and "
                                       "variance recomputed over the run's training images, weights frozen "
                                       "(PreciseBN), instead of the moving averages of training.")] = False,
