@@ -44,11 +44,12 @@ SETTINGS = {False: (20, 150), True: (5, 10)}
 
 
 def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps: int | None = None,
-                  reference: bool = True, out: Path | None = Path("results/bench.json"), progress=None,
+                  reference: bool = True, out: Path | None = None, progress=None,
                   epoch: bool | None = None, against: str = "reference") -> dict:
     """Measure each variant in normtf and (reference=True) against `against`: the PyTorch reference
     loop, or ("keras-layers") the same normtf model built from Keras's own layers instead of
-    normtf's (what normtf's layers buy); write `out`. epoch: also time a full epoch of `normtf
+    normtf's (what normtf's layers buy); write `out` if given (the command's default is
+    outputs.bench_file: beside the runs, never over the committed results/bench.json). epoch: also time a full epoch of `normtf
     train` (default: unless quick)."""
     from normtf.norms import get_norm
 

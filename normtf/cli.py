@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import enum
 import functools
-import tempfile
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -13,10 +16,10 @@ import typer
 
 from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
-from normtf.data import DATASETS
+from normtf.data import DATASETS, DEFAULT as DEFAULT_DATASET
 from normtf.errors import Interrupted, NormtfError, RunFailed, UsageError
 from normtf.norms import NORMS
-from normtf.runs import dataset_dir
+from normtf.outputs import RUNS, bench_file, figures_dir, sweep_file, writable
 
 app = typer.Typer(help="normtf: batch, layer and group normalization in a small CNN on MNIST or Fashion-MNIST, measured and drawn.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -41,6 +44,26 @@ def options(verbose: Annotated[bool, typer.Option(
     quiet.threads = threads
 
 
+INTERRUPTED = "[yellow]interrupted[/]; finished runs and epochs are kept"
+_in_command = False  # set while friendly() runs a command: a signal then raises KeyboardInterrupt there
+
+
+def _on_signal(signum, frame):
+    """Ctrl-C and SIGTERM (a closed session, `kill`, a scheduler's stop) end normtf the same way at
+    any moment: inside a command as KeyboardInterrupt, which the command turns into one line and
+    exit code 130 (training keeps its finished epochs, normtf.training); before a command starts
+    or after it has finished (TensorFlow's teardown at exit takes a second or more), with the same
+    line and code at once, never the signal's own 143 or a traceback from the interpreter's exit."""
+    if _in_command:
+        raise KeyboardInterrupt
+    from normtf.console import err_console
+
+    sys.stdout.flush()
+    err_console.print(INTERRUPTED, highlight=False)
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def friendly(tensorflow: bool = True):
     """Every value of the command checked (config.RULES) before anything else happens; then
     TensorFlow started quietly if the command needs it; a user's mistake, a failed run or an
@@ -56,6 +79,8 @@ def friendly(tensorflow: bool = True):
                 err_console.print(message, highlight=False, soft_wrap=True)
                 raise typer.Exit(code)
 
+            global _in_command
+            _in_command = True
             try:
                 check_options(kwargs)
                 if tensorflow:
@@ -68,7 +93,7 @@ def friendly(tensorflow: bool = True):
             except Interrupted as e:
                 fail(f"[yellow]{escape(str(e))}[/]", EXIT_INTERRUPTED)
             except KeyboardInterrupt:
-                fail("[yellow]interrupted[/]; finished runs and epochs are kept", EXIT_INTERRUPTED)
+                fail(INTERRUPTED, EXIT_INTERRUPTED)
             except RunFailed as e:
                 fail(f"[red]failed:[/] {escape(str(e))}", EXIT_RUN_FAILED)
             except NormtfError as e:
@@ -77,6 +102,8 @@ def friendly(tensorflow: bool = True):
                 fail(f"[red]error:[/] {escape(str(e.strerror or e))} ({escape(str(e.filename or 'no file name'))}); "
                      "nothing finished was lost",
                      EXIT_ERROR)
+            finally:
+                _in_command = False
         return wrapper
     return decorate
 
@@ -85,12 +112,16 @@ NORM_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.item
 Norms = Annotated[Optional[list[NormName]], typer.Option("--norm", help=f"Variant (repeat for several). {NORM_HELP}.")]
 RunsDir = Annotated[Path, typer.Option(help="Where runs are stored: <runs-dir>/<norm>/ (<runs-dir>/<dataset>/<norm>/ "
                                                 "for a dataset other than MNIST).")]
-ImgDir = Annotated[Path, typer.Option(help="Where figures are written.")]
+ImgDir = Annotated[Optional[Path], typer.Option(
+    help="Where figures are written. Default: <runs-dir>/img/ (<runs-dir>/img/<dataset>/ for a dataset other than "
+         "MNIST); name img/ only to redraw the committed figures.", show_default=False)]
 DataDir = Annotated[Optional[Path], typer.Option(
     help="A directory with the dataset's four IDX files (raw or .gz). Default: the cache, else download.")]
+DATASET_HELP = "The dataset: " + ", ".join(DATASETS) + "."
 DatasetName = Annotated[Literal[tuple(DATASETS)], typer.Option(help=(
-    "The dataset: " + ", ".join(DATASETS) + ". Runs and figures of a dataset other than MNIST go into a "
-    "subdirectory of its name under --runs-dir and --img-dir."))]
+    DATASET_HELP + " Runs and figures of a dataset other than MNIST go into a subdirectory of its name under "
+    "--runs-dir and --img-dir."))]
+TestSetName = Annotated[Literal[tuple(DATASETS)], typer.Option("--dataset", help=DATASET_HELP)]  # commands that write no runs
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
 Lr = Annotated[float, typer.Option(help="SGD learning rate.")]
@@ -121,9 +152,15 @@ SyncBn = Annotated[bool, typer.Option("--sync-bn", help="Batch norm statistics o
 Seeds = Annotated[Optional[str], typer.Option(
     help="Several seeds, one run each under <runs-dir>/<norm>/seed-<s>/: a list (42,43,44) or a count (3: "
          "--seed and the next two).")]
-StepsPerExecution = Annotated[Optional[int], typer.Option(
-    help="Training steps per call into TensorFlow, rounded down to a divisor of the epoch's steps. Default: 32 on "
-         "a GPU, 1 on CPU. With --jit on --precision mixed_float16 it asks for the GPU configuration on any machine.")]
+STEPS_HELP = ("Training steps per call into TensorFlow, rounded down to a divisor of the epoch's steps. Default: 32 "
+              "on a GPU, 1 on CPU.")
+StepsPerExecution = Annotated[Optional[int], typer.Option(help=(
+    STEPS_HELP + " With --jit on --precision mixed_float16 it asks for the GPU configuration on any machine."))]
+SweepStepsPerExecution = Annotated[Optional[int], typer.Option("--steps-per-execution", help=STEPS_HELP)]
+SweepRunsDir = Annotated[Path, typer.Option("--runs-dir", help=(
+    "Where the sweep's runs are stored: <runs-dir>/batch-<size>/<norm>/seed-<s>/ (<runs-dir>/batch-<size>/<dataset>/"
+    "<norm>/seed-<s>/ for a dataset other than MNIST); its JSON and figure go there too unless --out and --img-dir "
+    "name other places."))]
 Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished run with these settings exists.")]
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
 Jobs = Annotated[str, typer.Option(
@@ -150,19 +187,6 @@ def _grid(ctx: typer.Context, jobs: str, cluster: str | None, config: TrainConfi
     return {"jobs": count, "cluster": cluster}
 
 
-def _writable(directory: Path) -> Path:
-    """Fail now, not after an hour of training, if figures cannot be written. The probe file's
-    name is this process's own: two compares started together into one --img-dir (README) once
-    shared one, and the second to remove it failed."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".normtf-write-test."):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write to {directory}: {e.strerror}; choose another --img-dir") from None
-    return directory
-
-
 def _config(ctx: typer.Context, parameters: dict, **overrides) -> TrainConfig:
     """The TrainConfig of a command whose parameters carry the dataclass's field names: the
     recipe's values, except where a flag was given on the command line."""
@@ -176,7 +200,7 @@ def _config(ctx: typer.Context, parameters: dict, **overrides) -> TrainConfig:
 
 @app.command()
 @friendly(tensorflow=False)
-def data(dataset: DatasetName = "mnist", data_dir: DataDir = None):
+def data(dataset: TestSetName = "mnist", data_dir: DataDir = None):
     """Make a dataset available and print where it is. Every file is verified by its SHA-256."""
     from normtf import data as datasets
     from normtf.console import console, warn
@@ -204,6 +228,7 @@ def train(ctx: typer.Context,
     from normtf.console import console, results_table, warn
 
     config = _config(ctx, locals(), norm=norm.value)
+    writable(runs_dir, "--runs-dir")
     results = study.compare([config.norm], config, runs_dir, parse_seeds(seeds, seed), force=force, data_dir=data_dir,
                             tensorboard=tensorboard, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
     for result in results:
@@ -226,7 +251,7 @@ def compare(ctx: typer.Context, norm: Norms = None,
             jit: Jit = DEFAULTS.jit, steps_per_execution: StepsPerExecution = None,
             deterministic: Deterministic = False, seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy,
             sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
-            img_dir: ImgDir = Path("img"), data_dir: DataDir = None, tensorboard: Tensorboard = False,
+            img_dir: ImgDir = None, data_dir: DataDir = None, tensorboard: Tensorboard = False,
             force: Force = False, jobs: Jobs = "auto", cluster: Cluster = None):
     """Train several variants, then draw them. Finished runs are reused; the figures show the curves and mistakes."""
     from normtf import study
@@ -236,7 +261,8 @@ def compare(ctx: typer.Context, norm: Norms = None,
     if not norms:
         raise UsageError("name the variants with --norm (repeatable) or use --all")
     config = _config(ctx, locals(), norm=norms[0])
-    img_dir = _writable(dataset_dir(img_dir, dataset))
+    writable(runs_dir, "--runs-dir")
+    img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
     results = study.compare(norms, config, runs_dir, parse_seeds(seeds, seed), force=force, data_dir=data_dir,
                             tensorboard=tensorboard, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
     console.print(results_table(study.by_norm(results), title="normtf compare"))
@@ -259,11 +285,12 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
           seed: Seed = DEFAULTS.seed, seeds: Annotated[str, typer.Option(
               help="Seeds of every point, one run each under <runs-dir>/batch-<size>/<norm>/seed-<s>/: a count (3: "
                    "--seed and the next two) or a list (42,43,44).")] = str(defaults.SWEEP_SEEDS),
-          groups: Groups = DEFAULTS.groups, steps_per_execution: StepsPerExecution = None,
-          runs_dir: RunsDir = Path("runs/sweep"),
+          groups: Groups = DEFAULTS.groups, steps_per_execution: SweepStepsPerExecution = None,
+          runs_dir: SweepRunsDir = Path("runs/sweep"),
           out: Annotated[Optional[Path], typer.Option(
-              help="The sweep's table as JSON. Default: results/sweep.json (results/<dataset>/sweep.json).")] = None,
-          img_dir: ImgDir = Path("img"), data_dir: DataDir = None, force: Force = False, jobs: Jobs = "auto",
+              help="The sweep's table as JSON. Default: <runs-dir>/sweep.json (<runs-dir>/<dataset>/sweep.json for "
+                   "a dataset other than MNIST); name results/sweep.json only to replace the committed sweep.")] = None,
+          img_dir: ImgDir = None, data_dir: DataDir = None, force: Force = False, jobs: Jobs = "auto",
           cluster: Cluster = None):
     """Test error against batch size. Each variant at each batch size and seed, on the same budget of images;
     batch norm also with precise statistics (each layer's mean and variance recomputed over the training images)."""
@@ -272,9 +299,11 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
 
     sizes = parse_batch_sizes(batch_sizes)
     norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
-    img_dir = _writable(dataset_dir(img_dir, dataset))
-    out = out or dataset_dir("results", dataset) / "sweep.json"
     config = _config(ctx, locals(), norm=norms[0])
+    writable(runs_dir, "--runs-dir")  # every place the sweep writes, before its first run
+    img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
+    out = sweep_file(out, runs_dir, dataset)
+    writable(out.parent, "--out")
     summary = sweeps.run_sweep(norms, sizes, config, scale_lr, runs_dir, out, parse_seeds(seeds, seed), force=force,
                                data_dir=data_dir, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
     console.print(sweep_table(summary))
@@ -290,13 +319,14 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
 @friendly()
 def gallery(norm: Norms = None, dataset: DatasetName = "mnist", count: Annotated[int, typer.Option(
                 help="Misclassified images per variant (at most 500 are drawn).")] = 10,
-            runs_dir: RunsDir = Path("runs"), img_dir: ImgDir = Path("img"), data_dir: DataDir = None):
+            runs_dir: RunsDir = Path("runs"), img_dir: ImgDir = None, data_dir: DataDir = None):
     """Grids of misclassified test images. The first ones of each trained run, titled with truth and prediction."""
     from normtf import study
     from normtf.console import console, warn
 
     results = study.stored_results([n.value for n in norm] if norm else list(NORMS), runs_dir, dataset, warn)
-    for path in study.gallery(results, dataset_dir(img_dir, dataset), count, data_dir=data_dir, warn=warn):
+    img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
+    for path in study.gallery(results, img_dir, count, data_dir=data_dir, warn=warn):
         console.print(f"wrote {path}")
 
 
@@ -307,35 +337,44 @@ def evaluate(path: Annotated[Path, typer.Argument(
              dataset: Annotated[Optional[Literal[tuple(DATASETS)]], typer.Option(
                  help="The test set: " + ", ".join(DATASETS) + ". Default: the one the run's config.json names, "
                       "else mnist.")] = None,
-             test_size: TestSize = None, precise_bn: Annotated[bool, typer.Option(
+             test_size: Annotated[Optional[int], typer.Option(
+                 help="Score a seeded class-stratified subset of N test images. Default: the run's own test set "
+                      "(its config.json's test_size, the subset it was tested on in training), else all.")] = None,
+             precise_bn: Annotated[bool, typer.Option(
                  "--precise-bn", help="Also with precise batch-norm statistics: each batch-norm layer's mean and "
                                       "variance recomputed over the run's training images, weights frozen "
                                       "(PreciseBN), instead of the moving averages of training.")] = False,
              data_dir: DataDir = None):
     """Measure a saved model on the test set. It is loaded safely: no code in the file is run."""
-    from normtf import data as datasets
     from normtf.console import confusion_table, console, warn
-    from normtf.evaluation import evaluate_file, trained_on
+    from normtf.evaluation import evaluate_file, load_test_set, run_config, which_test_set
 
-    recorded = trained_on(path)
+    config = run_config(path)
+    recorded = config.dataset if config else None
     if dataset and recorded and dataset != recorded:
         warn(f"{path} was trained on {DATASETS[recorded].title}; evaluating it on {DATASETS[dataset].title} as you asked")
-    images = datasets.load(dataset or recorded or datasets.DEFAULT, data_dir, warn=warn)
-    result = evaluate_file(path, images, test_size, warn=warn)
+    images = load_test_set(dataset or recorded or DEFAULT_DATASET, data_dir, warn)
+    own = config if config and config.dataset == images.name else None  # its test set is the run's own
+    size = test_size if test_size is not None else own and own.test_size
+    result = evaluate_file(path, images, size, warn=warn)
+    console.print(f"test set: {which_test_set(images, size, own is not None and test_size is None)}", highlight=False)
     console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
                   f"({result.correct:,} of {result.total:,} correct)")
-    if precise_bn:
-        precise = evaluate_file(path, images, test_size, precise_bn=True, warn=warn)
-        console.print(f"with precise batch-norm statistics: test loss {precise.loss:.4f}, accuracy "
-                      f"{100 * precise.accuracy:.2f}% ({precise.correct:,} of {precise.total:,} correct)")
-    console.print(confusion_table(result))
+    if not precise_bn:
+        console.print(confusion_table(result))
+        return
+    precise = evaluate_file(path, images, size, precise_bn=True, warn=warn)
+    console.print(f"with precise batch-norm statistics: test loss {precise.loss:.4f}, accuracy "
+                  f"{100 * precise.accuracy:.2f}% ({precise.correct:,} of {precise.total:,} correct)")
+    console.print(confusion_table(result, "with the moving averages of training"))
+    console.print(confusion_table(precise, "with precise batch-norm statistics"))
 
 
 @app.command()
 @friendly()
 def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(
                 help="Images in the probe batch: the first N test images, 2 to 10,000 (the test set).")] = 32,
-            groups: Groups = DEFAULTS.groups, dataset: DatasetName = "mnist", data_dir: DataDir = None):
+            groups: Groups = DEFAULTS.groups, dataset: TestSetName = "mnist", data_dir: DataDir = None):
     """Show what each norm layer computes. Each is run on a real batch of test images and its statistics found."""
     from normtf.console import console, explain_table, warn
     from normtf import data as datasets
@@ -354,13 +393,16 @@ def explain(norm: Norms = None, batch_size: Annotated[int, typer.Option(
 
 @app.command()
 @friendly(tensorflow=False)
-def diagrams(img_dir: ImgDir = Path("img"), groups: Annotated[int, typer.Option(
+def diagrams(img_dir: Annotated[Optional[Path], typer.Option(
+                 help="Where the figures are written. Default: runs/img/; name img/ only to redraw the committed "
+                      "figures.", show_default=False)] = None, groups: Annotated[int, typer.Option(
                  help="Groups in the group-norm figure, as the model takes them: a count that divides every "
                       "block's channel count (1 or 2).")] = DEFAULTS.groups):
     """Draw which activations share a mean. The N x C x (H,W) cube, shared-statistics set shaded."""
     from normtf.console import console
     from normtf.diagrams import draw_diagrams
 
+    img_dir = writable(figures_dir(img_dir, RUNS, DEFAULT_DATASET), "--img-dir")
     for path in draw_diagrams(img_dir, groups):  # --groups was checked with every option (config.RULES)
         console.print(f"wrote {path}")
 
@@ -377,8 +419,9 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
                    "keras-BatchNormalization, keras-GroupNormalization, keras-LayerNormalization: "
                    "Keras's layer of that class only.")] = "reference",
           out: Annotated[Optional[Path], typer.Option(help="Where the results are written as JSON (default: "
-                                                        "results/bench.json; with --against keras-…, "
-                                                        "results/bench-keras-….json).")] = None,
+                                                        "runs/bench.json; with --against keras-…, "
+                                                        "runs/bench-keras-….json); name results/bench.json "
+                                                        "only to replace the committed benchmark.")] = None,
           epoch: Annotated[Optional[bool], typer.Option(
               "--epoch/--no-epoch", help="Also time two full epochs of `normtf train` per variant (default: yes, "
               "no with --quick).")] = None):
@@ -387,7 +430,8 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
     from normtf.bench import format_table, run_benchmark
     from normtf.console import console
 
-    out = out or Path("results/bench.json" if against == "reference" else f"results/bench-{against}.json")
+    out = bench_file(out, against)
+    writable(out.parent, "--out")
     result = run_benchmark([n.value for n in norm] if norm else list(NORMS), repeats, quick, steps, reference, out,
                            progress=lambda message: console.print(message, highlight=False), epoch=epoch,
                            against=against)
@@ -396,4 +440,35 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
 
 
 def main():
-    app()
+    """The `normtf` command (also `python -m normtf` and `python cli.py`): Ctrl-C and SIGTERM are
+    _on_signal's for the whole process, unless it was started ignoring them."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _on_signal)
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    _leave(code)
+
+
+def _leave(code) -> None:
+    """Exit with `code` now, after Python's atexit functions and with stdout and stderr flushed,
+    but without the interpreter's teardown: TensorFlow's destructors take 1.5-2.5 s there (on this
+    CPU), and during it Python no longer handles signals, so a SIGTERM after the last line ended
+    normtf with the signal's 143 instead of 130. A multi-worker process (TF_CONFIG) leaves the
+    ordinary way: its coordination service takes leave of the other workers in that teardown."""
+    if os.environ.get("TF_CONFIG"):
+        sys.exit(code)
+    if not isinstance(code, int):  # sys.exit's other forms: None is success, a message is printed
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (normtf ... | head), a closed stream
+            pass
+    os._exit(code)

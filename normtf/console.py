@@ -1,6 +1,10 @@
 """What the terminal shows after the work: warnings and the tables (rich). Live progress during
 training is normtf.progress (a Keras callback); this module does not load Keras, so a command
-can report a bad value before TensorFlow starts."""
+can report a bad value before TensorFlow starts.
+
+Output that is not a terminal (a file, a pipe, a job scheduler's log) is a log a person greps:
+lines are never broken at rich's default 80 columns (soft wrap: a run's path or an epoch line
+stays whole), and nothing live is drawn there (live_display()); tables keep their 80-column layout."""
 
 from __future__ import annotations
 
@@ -13,6 +17,15 @@ from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
+for _console in (console, err_console):  # decided once, for the streams the process starts with
+    _console.soft_wrap = not _console.is_terminal
+
+
+def live_display() -> bool:
+    """Whether progress bars and other live displays are drawn: on a terminal only. Redrawn in
+    place they mean something to a person watching; in a log they are noise (or nothing at all),
+    so there only whole lines are printed."""
+    return console.is_terminal
 
 
 def warn(message: str) -> None:
@@ -117,9 +130,10 @@ def sweep_table(summary: dict) -> Table:
     return table
 
 
-def confusion_table(evaluation) -> Table:
-    """Rows: true class, columns: predicted (numbered; the rows name classes that are not digits)."""
-    table = Table(title="confusion matrix (rows: true class, columns: predicted)")
+def confusion_table(evaluation, model: str | None = None) -> Table:
+    """Rows: true class, columns: predicted (numbered; the rows name classes that are not digits);
+    `model` says which of a run's models it is, when more than one is shown."""
+    table = Table(title="confusion matrix" + (f" {model}" if model else "") + " (rows: true class, columns: predicted)")
     table.add_column("true", justify="right")
     for k in range(len(evaluation.classes)):
         table.add_column(str(k), justify="right")

@@ -10,7 +10,7 @@ import numpy as np
 
 from normtf import data
 from normtf.config import TrainConfig
-from normtf.errors import CorruptFile, NormtfError
+from normtf.errors import CorruptFile, NormtfError, UsageError
 from normtf.layers import with_our_classes  # importing normtf.layers also lets older files that name them load
 from normtf.precise_bn import precise_statistics
 from normtf.runs import RunDir
@@ -151,11 +151,39 @@ def run_config(path: Path) -> TrainConfig | None:
         return None
 
 
-def trained_on(path: Path) -> str | None:
-    """The dataset a run's config.json names for this model file or run directory (MNIST for runs
-    made before there was a choice), or None when the model is not in a run directory."""
-    config = run_config(path)
-    return config.dataset if config else None
+def load_test_set(name: str, data_dir: Path | None, warn=lambda message: None) -> data.Images:
+    """The dataset `name` to score a model on. A --data-dir that holds another dataset's files
+    (recognized by their SHA-256) is refused: training may use them as asked, but a score of a
+    Fashion-MNIST model on MNIST images would be read as the model's. Files of no known dataset
+    (a subset, a variant) are used, with data.load's warning."""
+    said = []
+    images = data.load(name, data_dir, warn=said.append)
+    others = {data.identify(file, digest) for file, digest in (images.checksums or {}).items()} - {None, name}
+    if others:
+        found = ", ".join(data.DATASETS[other].title for other in sorted(others))
+        raise UsageError(f"--data-dir {images.source} holds {found} files, not {images.spec.title}, the test set "
+                         f"to score on; give a directory of {images.spec.title} files, or none (the cache)")
+    for message in said:
+        warn(message)
+    return images
+
+
+def scored_indices(labels: np.ndarray, test_size: int | None) -> np.ndarray:
+    """The seeded class-stratified subset of `test_size` test images (all for None), as training
+    tested on; a size beyond the test set is refused naming --test-size."""
+    if test_size is not None and test_size > len(labels):
+        raise UsageError(f"--test-size {test_size} is more than the {len(labels):,} test images there are")
+    return data.stratified_subset(labels, test_size)
+
+
+def which_test_set(images: data.Images, test_size: int | None, runs_own: bool) -> str:
+    """Which test images a score is of, in words: all, or the seeded subset (the run's own when
+    it came from the run's config.json rather than --test-size)."""
+    total, title = len(images.y_test), images.spec.title
+    if test_size is None or test_size == total:
+        return f"all {total:,} {title} test images" + (", as the run was tested" if runs_own else "")
+    chosen = "the run's own (its config.json's test_size)" if runs_own else "--test-size"
+    return f"{test_size:,} of the {total:,} {title} test images, the seeded class-stratified subset: {chosen}"
 
 
 def use_precise_statistics(model, config: TrainConfig, dataset: data.Images) -> int:
@@ -178,6 +206,6 @@ def evaluate_file(path: Path, dataset: data.Images, test_size: int | None = None
                               "training images); evaluate a model inside its run directory")
         if use_precise_statistics(model, config, dataset) == 0:
             warn(f"{path} has no batch-norm layer: precise statistics change nothing")
-    idx = data.stratified_subset(dataset.y_test, test_size)
+    idx = scored_indices(dataset.y_test, test_size)
     return evaluate(model, dataset.x_test[idx], dataset.y_test[idx], (dataset.mean, dataset.std), warn=warn,
                     classes=dataset.spec.classes)

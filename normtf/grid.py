@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import traceback
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -359,6 +360,7 @@ def _worker_main(tasks, events, threads: int, options: Options, gpu: int | None)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    code = 0
     try:
         from normtf import quiet
 
@@ -371,7 +373,7 @@ def _worker_main(tasks, events, threads: int, options: Options, gpu: int | None)
         while True:
             item = tasks.get()
             if item is None:
-                return
+                break
             index, job = item
             events.put(("begin", pid, index, threads))
             try:
@@ -384,10 +386,17 @@ def _worker_main(tasks, events, threads: int, options: Options, gpu: int | None)
                 events.put(("locked", pid, index, str(e)))
             except (Interrupted, KeyboardInterrupt):
                 events.put(("interrupted", pid, index))
-                return
+                break
             except NormtfError as e:
                 events.put(("error", pid, index, str(e)))
             except Exception as e:  # a bug: the run is failed with what went wrong, the grid goes on
                 events.put(("error", pid, index, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"))
     except KeyboardInterrupt:  # stopped while waiting for a run
-        return
+        pass
+    except BaseException:  # TensorFlow could not start: the pool reports the run this worker held
+        traceback.print_exc()
+        code = 1
+    finally:  # the events reach the pool, then the process ends without TensorFlow's teardown (~2 s)
+        events.close()
+        events.join_thread()
+        os._exit(code)

@@ -22,13 +22,17 @@ _started = False
 @contextmanager
 def _stderr_to_file():
     """Descriptor 2 (C++ and Python writes alike) into a temporary file for the block; on an
-    exception the captured text is written back to the real stderr, so an error is seen whole."""
+    exception the captured text is written back to the real stderr, so an error is seen whole.
+    Not on an interruption (Ctrl-C, SIGTERM): the start-up lines say nothing about it, and the
+    user's one line ("interrupted") must be all there is."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as capture:
         os.dup2(capture.fileno(), 2)
         try:
             yield
+        except KeyboardInterrupt:
+            raise
         except BaseException:
             sys.stderr.flush()
             os.dup2(saved, 2)

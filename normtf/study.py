@@ -88,7 +88,7 @@ def curves_title(groups: dict[str, list[TrainResult]]) -> str:
     lr = f"lr {c.lr:g}" if c.schedule == "constant" else f"{c.schedule} lr (peak {c.lr:g})"
     with_l1 = {norm: group[0].config.l1 for norm, group in groups.items() if get_norm(norm).l1}
     l1 = "".join(f", L1 {value:g} ({norm})" for norm, value in with_l1.items())
-    return (f"{data.DATASETS[c.dataset].title}, {size} training images, {c.epochs} epochs of batch {c.batch_size}, rotation ±{c.rotation:g}°, "
+    return (f"{data.DATASETS[c.dataset].title}, {size} training images, {c.epochs} epoch{'s' if c.epochs != 1 else ''} of batch {c.batch_size}, rotation ±{c.rotation:g}°, "
             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}\n"
             f"SGD {lr}, momentum {c.momentum:g}, dropout {c.dropout:g}{l1}")
 

@@ -156,7 +156,7 @@ def sweep_title(summary: dict) -> str:
           if summary["lr_scaled"] else f"lr {row['lr']:g} at every batch size")
     title = data.DATASETS[summary.get("dataset", data.DEFAULT)].title
     seeds = sweep_seeds(summary)
-    return (f"Test error vs batch size on {title}: {budget['epochs']} epochs of {budget['train_size']:,} images,\n"
+    return (f"Test error vs batch size on {title}: {budget['epochs']} epoch{'s' if budget['epochs'] != 1 else ''} of {budget['train_size']:,} images,\n"
             f"tested on {budget['test_size']:,}, {lr}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
 
 

@@ -247,12 +247,20 @@ def _interrupts():
 
 
 def _start_state(run: RunDir, config: TrainConfig, force: bool, warn) -> tuple[str, list[dict]]:
-    """Decide what to do with what is already in the run directory: reuse, resume or start."""
+    """Decide what to do with what is already in the run directory: reuse, resume or start. A
+    truncated or corrupt history.json or metrics.json makes the run unfinished (one warning), as
+    if it had stopped there: a finished run has no checkpoint left, so it is trained again (its
+    files are set aside until the new run has an epoch); an unfinished one starts over, since the
+    epochs before its checkpoint are lost with the history."""
     status = run.status(config)
     if force or status in ("empty", "failed"):
         return "fresh", []
     if status == "finished":
-        return "reuse", run.read_history()
+        try:
+            return "reuse", run.read_history()
+        except CorruptFile as e:
+            warn(f"{e}; training it again")
+            return "fresh", []
     if status == "stale":
         check_replaceable(run, config)
         warn(f"{run.path} holds an unfinished or failed run with other settings; starting over")

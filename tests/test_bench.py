@@ -85,8 +85,8 @@ def test_every_layer_of_ours_can_be_timed_against_keras_alone():
 def test_bench_against_keras_runs_as_the_readme_says(against, what, tmp_path, monkeypatch):
     """`normtf bench --against keras-layers` (README) and `--against keras-Dropout` through the
     command line, as a user types them (with fewer steps): both workers run by turns, the table is
-    printed, and the results go to results/bench-<against>.json, never over results/bench.json
-    (the PyTorch comparison)."""
+    printed, and the results go to runs/bench-<against>.json, never over bench.json (the PyTorch
+    comparison), and never into the committed results/."""
     from typer.testing import CliRunner
 
     import normtf
@@ -96,8 +96,8 @@ def test_bench_against_keras_runs_as_the_readme_says(against, what, tmp_path, mo
     result = CliRunner().invoke(app, ["bench", "--quick", "--norm", "layer-c", "--against", against,
                                       "--repeats", "1", "--steps", "2"])
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "results" / "bench.json").exists()
-    stored = json.loads((tmp_path / "results" / f"bench-{against}.json").read_text())
+    assert not (tmp_path / "runs" / "bench.json").exists() and not (tmp_path / "results").exists()
+    stored = json.loads((tmp_path / "runs" / f"bench-{against}.json").read_text())
     assert stored["settings"]["against"] == against and stored["settings"]["train_epochs"] == 0
     assert stored["normtf"]["version"] == normtf.__version__  # which code was measured
     variant = stored["variants"]["layer-c"]

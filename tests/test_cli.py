@@ -79,8 +79,8 @@ def test_data_command_says_where_mnist_is(mnist_dir):
 
 
 def test_train_compare_gallery_write_their_files(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the README's commands as typed: runs/ and img/ in the current directory
-    runs, img = Path("runs"), Path("img")
+    monkeypatch.chdir(tmp_path)  # the README's commands as typed: runs/ (and its img/) in the current directory
+    runs, img = Path("runs"), Path("runs/img")
     result = run("train", "--norm", "group", *TINY)
     assert result.exit_code == 0, result.output
     assert "9,910" in result.output and "group epoch  1/1" in result.output
@@ -98,8 +98,8 @@ def test_train_compare_gallery_write_their_files(tmp_path, monkeypatch):
     result = run("gallery", "--norm", "layer", "--count", "5")
     assert result.exit_code == 0 and (img / "misclassified_layer.png").is_file()
 
-    result = run("evaluate", runs / "layer")
-    assert result.exit_code == 0 and "confusion matrix" in result.output and "of 10,000 correct" in result.output
+    result = run("evaluate", runs / "layer")  # on the run's own test set (TINY's 500 images)
+    assert result.exit_code == 0 and "confusion matrix" in result.output and "of 500 correct" in result.output
 
 
 def test_gallery_without_runs_names_the_command_to_run(tmp_path):
@@ -321,11 +321,11 @@ def test_two_compares_side_by_side_then_one_that_draws_them_together(tmp_path, m
 def test_the_img_dir_check_leaves_another_process_probe_alone(tmp_path):
     """What made one of two compares started together fail: each checked --img-dir by writing and
     removing the same probe file, so one removed the other's."""
-    from normtf.cli import _writable
+    from normtf.outputs import writable
 
     other = tmp_path / ".normtf-write-test"
     other.write_text("another process's")
-    assert _writable(tmp_path) == tmp_path
+    assert writable(tmp_path, "--img-dir") == tmp_path
     assert other.read_text() == "another process's" and sorted(p.name for p in tmp_path.iterdir()) == [other.name]
 
 

@@ -65,15 +65,15 @@ def test_data_sweep_and_explain_take_the_dataset(tmp_path, monkeypatch, dataset,
     result = run("explain", "--dataset", "fashion-mnist", "--norm", "batch", "--batch-size", "8")
     assert result.exit_code == 0 and "batch: a batch of 8 Fashion-MNIST test images" in " ".join(result.output.split())
 
-    monkeypatch.chdir(tmp_path)  # the sweep's JSON goes to results/<dataset>/sweep.json under the working directory
+    monkeypatch.chdir(tmp_path)  # the sweep's JSON goes to <runs-dir>/<dataset>/sweep.json, its figure to <runs-dir>/img/<dataset>/
     result = run("sweep", "--dataset", "fashion-mnist", "--norm", "group", "--batch-sizes", "64", "--seeds", "1",
                  "--epochs", "1", "--train-size", "512", "--test-size", "500", "--runs-dir", "runs")
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "results" / "fashion-mnist" / "sweep.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "fashion-mnist" / "sweep.json").read_text())
     assert summary["dataset"] == "fashion-mnist" and [r["norm"] for r in summary["rows"]] == ["group"]
-    assert (tmp_path / "img" / "fashion-mnist" / "batch_size_sweep.png").is_file()
+    assert (tmp_path / "runs" / "img" / "fashion-mnist" / "batch_size_sweep.png").is_file()
     assert (tmp_path / "runs" / "batch-64" / "fashion-mnist" / "group" / "seed-42" / "model.keras").is_file()
-    assert not (tmp_path / "results" / "sweep.json").exists()
+    assert not (tmp_path / "runs" / "sweep.json").exists() and not (tmp_path / "results").exists()
 
 
 def test_mnist_files_given_for_fashion_mnist_are_named_in_a_warning(tmp_path, mnist_dir):

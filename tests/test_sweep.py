@@ -154,7 +154,7 @@ def test_the_figure_draws_a_band_per_variant_and_a_dashed_precise_line(swept, tm
     assert [t.get_text() for t in figure.legends[0].get_texts()] == [
         "batch (moving averages)", "batch (precise statistics)", "group"]
     assert figure.legends[0].get_title().get_text() == "lines: mean of 2 seeds; bands: lowest to highest seed"
-    assert "MNIST" in sweep_title(summary) and "1 epochs of 512 images" in sweep_title(summary)
+    assert "MNIST" in sweep_title(summary) and "1 epoch of 512 images" in sweep_title(summary)
     assert sweep_title(summary).endswith("seeds 42, 43")
     assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "64"]
     assert draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000
