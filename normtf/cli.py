@@ -308,11 +308,15 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
                                data_dir=data_dir, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
     console.print(sweep_table(summary))
     console.print(f"wrote {out} and {sweeps.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
-    failed = [f"{row['norm']} at batch size {row['batch_size']}, seed {row['seed']} "
-              f"({row.get('failure', 'loss not finite') if row['status'] == 'failed' else 'trained by another process'})"
-              for row in summary["rows"] if row["status"] != "finished"]
+    rows = summary["rows"]
+    failed = [f"{row['norm']} at batch size {row['batch_size']}, seed {row['seed']} ({row['failure']})"
+              for row in rows if row["status"] == "failed"]
     if failed:
-        raise RunFailed(f"{len(failed)} of {len(summary['rows'])} runs did not finish: {', '.join(failed)}")
+        raise RunFailed(f"{len(failed)} of {len(rows)} runs failed: {', '.join(failed)}")
+    busy = [f"{row['norm']} at batch size {row['batch_size']}, seed {row['seed']}" for row in rows if row["status"] == "busy"]
+    if busy:
+        raise NormtfError(f"{len(busy)} of {len(rows)} runs were being trained by another normtf process: "
+                          f"{', '.join(busy)}; run the same command again once it has finished")
 
 
 @app.command()
