@@ -15,7 +15,7 @@ from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
 from normtf.data import DATASETS
 from normtf.errors import Interrupted, NormtfError, RunFailed, UsageError
-from normtf.norms import NORMS
+from normtf.norms import NORMS, sweep_defaults
 from normtf.runs import dataset_dir
 
 app = typer.Typer(help="normtf: batch, layer and group normalization in a small CNN on MNIST or Fashion-MNIST, measured and drawn.",
@@ -81,6 +81,8 @@ def friendly(tensorflow: bool = True):
 
 NORM_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())
 Norms = Annotated[Optional[list[NormName]], typer.Option("--norm", help=f"Variant (repeat for several). {NORM_HELP}.")]
+SweepNorms = Annotated[Optional[list[NormName]], typer.Option(
+    "--norm", help=f"Variant (repeat for several). Default: {', '.join(sweep_defaults())}. {NORM_HELP}.")]
 RunsDir = Annotated[Path, typer.Option(help="Where runs are stored: <runs-dir>/<norm>/ (<runs-dir>/<dataset>/<norm>/ "
                                                 "for a dataset other than MNIST).")]
 ImgDir = Annotated[Path, typer.Option(help="Where figures are written.")]
@@ -197,7 +199,7 @@ def train(ctx: typer.Context,
 @app.command()
 @friendly()
 def compare(ctx: typer.Context, norm: Norms = None,
-            all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
+            all_: Annotated[bool, typer.Option("--all", help=f"All {len(NORMS)} variants: {', '.join(NORMS)}.")] = False,
             dataset: DatasetName = "mnist", recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
             lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
             dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
@@ -229,7 +231,7 @@ def compare(ctx: typer.Context, norm: Norms = None,
 
 @app.command()
 @friendly()
-def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist",
+def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "mnist",
           batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
               map(str, defaults.SWEEP_BATCH_SIZES)),
           epochs: Epochs = defaults.SWEEP_EPOCHS, train_size: TrainSize = defaults.SWEEP_TRAIN_SIZE,
@@ -251,7 +253,7 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
     from normtf.progress import EpochProgress
 
     sizes = parse_batch_sizes(batch_sizes)
-    norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
+    norms = [n.value for n in norm] if norm else sweep_defaults()
     img_dir = _writable(dataset_dir(img_dir, dataset))
     out = out or dataset_dir("results", dataset) / "sweep.json"
     summary = sweeps.run_sweep(norms, sizes, _config(ctx, locals(), norm=norms[0]), scale_lr, runs_dir, out,
@@ -363,11 +365,11 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
               "no with --quick).")] = None):
     """Training speed against the PyTorch reference. Throughput, memory, evaluation time, FLOP floor,
     and the epoch a user waits for."""
-    from normtf.bench import format_table, run_benchmark
+    from normtf.bench import default_norms, format_table, run_benchmark
     from normtf.console import console
 
     out = out or Path("results/bench.json" if against == "reference" else f"results/bench-{against}.json")
-    result = run_benchmark([n.value for n in norm] if norm else list(NORMS), repeats, quick, steps, reference, out,
+    result = run_benchmark([n.value for n in norm] if norm else default_norms(against, reference), repeats, quick, steps, reference, out,
                            progress=lambda message: console.print(message, highlight=False), epoch=epoch,
                            against=against)
     console.print(format_table(result))

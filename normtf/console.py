@@ -137,4 +137,7 @@ def explain_table(norm: str, batch_size: int, reports, dataset: str = "MNIST") -
                       f"{r.trainable:,}", f"{r.non_trainable:,}",
                       f"yes: moving statistics (max |Δ| {r.test_time_max_change:.2f})"
                       if r.test_time_differs else "no")
+    notes = [note for r in reports for note in r.notes]
+    if notes:
+        table.caption, table.caption_justify = "\n".join(notes), "left"
     return table

@@ -165,7 +165,8 @@ def test_explain_prints_the_statistics_of_each_norm_layer(monkeypatch):
 def test_diagrams_are_drawn(tmp_path):
     result = run("diagrams", "--img-dir", tmp_path)
     assert result.exit_code == 0
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["BatchNorm.png", "GroupNorm.png", "LayerNorm.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["BatchNorm.png", "GroupNorm.png", "InstanceNorm.png",
+                                                              "LayerNorm.png"]
 
 
 def test_compare_shows_a_diverged_run_as_failed(tmp_path, monkeypatch):
