@@ -47,7 +47,8 @@ def _partitions(shape, channels_divisors):
     yield "N, H, W (per channel)", c, (1, n * h * w, c, 1)
     yield "H, W, C (per sample)", n, (n, h * w, 1, c)
     for g in channels_divisors:
-        yield f"H, W, {c // g} of {c} channels (per sample and group)", n * g, (n, h * w, g, c // g)
+        name = "H, W (per sample and channel)" if g == c else f"H, W, {c // g} of {c} channels (per sample and group)"
+        yield name, n * g, (n, h * w, g, c // g)
 
 
 def _moments(pieces) -> dict[str, np.ndarray]:
