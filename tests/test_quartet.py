@@ -45,6 +45,18 @@ def test_instance_norm_is_group_norm_with_one_group_per_channel(test_batch):
     assert layer.groups == 14
 
 
+def test_instance_norm_before_global_pooling_makes_the_output_the_same_for_every_image(test_batch):
+    """Each block-6 channel is standardized over its 6x6 positions, so its global average is beta
+    whatever the image: at inference the model predicts one distribution for all (docs/how-it-works.md).
+    Group norm, two groups per sample, keeps the image's say (the check can fail)."""
+    for norm, same in [("instance", True), ("group", False)]:
+        model = build_model(norm)
+        for layer in norm_layers(model):
+            layer.beta.assign(np.random.default_rng(0).normal(size=layer.beta.shape))
+        out = model.predict(test_batch, verbose=0)
+        assert (np.abs(out - out[0]).max() < 1e-5) == same, norm
+
+
 @pytest.mark.parametrize("norm", ["batch-renorm", "group-ws"])
 def test_the_new_layers_train_under_xla_and_mixed_precision(norm, test_batch, dataset):
     keras.mixed_precision.set_global_policy("mixed_float16")
