@@ -108,7 +108,7 @@ def test_gallery_without_runs_names_the_command_to_run(tmp_path):
 
 
 def test_unknown_norm_lists_the_valid_names():
-    output = " ".join(run("train", "--norm", "instance").output.split())
+    output = " ".join(run("train", "--norm", "weight").output.split())
     assert "'batch-l1', 'batch', 'layer', 'group', 'layer-c'" in output
 
 
