@@ -131,3 +131,14 @@ def test_sweep_runs_batch_renorm_and_group_ws(tmp_path):
         ("batch-renorm", 8, "finished"), ("batch-renorm", 32, "finished"),
         ("group-ws", 8, "finished"), ("group-ws", 32, "finished")]
     assert (tmp_path / "img" / "batch_size_sweep.png").exists()
+
+
+@pytest.mark.slow
+def test_bench_times_a_new_variant_against_the_keras_layer_build(tmp_path, monkeypatch):
+    """docs/speed.md: the variants without a PyTorch counterpart are timed with --against keras-layers."""
+    monkeypatch.chdir(tmp_path)
+    result = run("bench", "--quick", "--norm", "batch-renorm", "--against", "keras-layers", "--repeats", "1",
+                 "--steps", "2", "--no-epoch")
+    assert result.exit_code == 0, result.output
+    variant = json.loads((tmp_path / "results" / "bench-keras-layers.json").read_text())["variants"]["batch-renorm"]
+    assert variant["normtf"]["images_per_second"] > 0 and variant["reference"]["images_per_second"] > 0
