@@ -1,10 +1,11 @@
 """The one table that knows the normalization variants. Adding a variant touches this file (and,
-for `normtf bench` to time it against PyTorch, its counterpart in torch_reference.py).
+for `normtf bench` to time it against PyTorch, its counterpart in torch_reference.py, with
+pytorch=True here).
 
 Keras is imported inside the factories so that the CLI can list the variants without loading it.
-The study's layers are normtf.layers' drop-ins for Keras's own (same weights and results, faster on
-CPU); the variants added after it are plain Keras (normtf.renorm, normtf.wsconv): correctness and
-clarity over speed.
+Keras's layers come as normtf.layers' drop-ins (same weights and results, faster on CPU); the two
+that Keras lacks, batch renormalization and weight standardization, are plain Keras of ours
+(normtf.renorm, normtf.wsconv): correctness and clarity over speed.
 """
 
 from __future__ import annotations
