@@ -43,6 +43,14 @@ EPOCH_IMAGES = 60_000  # one epoch of MNIST's training set
 SETTINGS = {False: (20, 150), True: (5, 10)}
 
 
+def default_norms(against: str, reference: bool) -> list[str]:
+    """The variants `normtf bench` times when none is named: against PyTorch, those with a
+    counterpart in torch_reference.py; otherwise every one."""
+    from normtf.norms import NORMS
+
+    return [name for name, spec in NORMS.items() if spec.pytorch or not (reference and against == "reference")]
+
+
 def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps: int | None = None,
                   reference: bool = True, out: Path | None = None, progress=None,
                   epoch: bool | None = None, against: str = "reference") -> dict:
@@ -62,6 +70,10 @@ def run_benchmark(norms: list[str], repeats: int = 5, quick: bool = False, steps
         get_norm(norm)
     if against not in AGAINST:
         raise UsageError(f"unknown --against {against!r}; choose one of: {', '.join(AGAINST)}")
+    unmatched = [norm for norm in norms if not get_norm(norm).pytorch]
+    if reference and against == "reference" and unmatched:
+        raise UsageError(f"{', '.join(unmatched)}: no PyTorch counterpart (only the study's variants have one); "
+                         "time against normtf's Keras-layer build with --against keras-layers")
     if reference and against == "reference" and importlib.util.find_spec("torch") is None:
         raise NormtfError("PyTorch is not installed: pip install -e '.[bench]' (torch==2.13.0), "
                           "or run with --no-reference")

@@ -18,7 +18,7 @@ from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
 from normtf.data import DATASETS, DEFAULT as DEFAULT_DATASET
 from normtf.errors import Interrupted, NormtfError, RunFailed, UsageError
-from normtf.norms import NORMS
+from normtf.norms import NORMS, sweep_defaults
 from normtf.outputs import RUNS, bench_file, figures_dir, sweep_file, writable
 
 app = typer.Typer(help="normtf: batch, layer and group normalization in a small CNN on MNIST or Fashion-MNIST, measured and drawn.",
@@ -110,6 +110,8 @@ def friendly(tensorflow: bool = True):
 
 NORM_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in NORMS.items())
 Norms = Annotated[Optional[list[NormName]], typer.Option("--norm", help=f"Variant (repeat for several). {NORM_HELP}.")]
+SweepNorms = Annotated[Optional[list[NormName]], typer.Option(
+    "--norm", help=f"Variant (repeat for several). Default: {', '.join(sweep_defaults())}. {NORM_HELP}.")]
 RunsDir = Annotated[Path, typer.Option(help="Where runs are stored: <runs-dir>/<norm>/ (<runs-dir>/<dataset>/<norm>/ "
                                                 "for a dataset other than MNIST).")]
 ImgDir = Annotated[Optional[Path], typer.Option(
@@ -242,7 +244,7 @@ def train(ctx: typer.Context,
 @app.command()
 @friendly()
 def compare(ctx: typer.Context, norm: Norms = None,
-            all_: Annotated[bool, typer.Option("--all", help="All variants.")] = False,
+            all_: Annotated[bool, typer.Option("--all", help=f"All {len(NORMS)} variants: {', '.join(NORMS)}.")] = False,
             dataset: DatasetName = "mnist", recipe: Recipe = "reference", epochs: Epochs = DEFAULTS.epochs, batch_size: BatchSize = DEFAULTS.batch_size,
             lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
             dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
@@ -275,7 +277,7 @@ def compare(ctx: typer.Context, norm: Norms = None,
 
 @app.command()
 @friendly()
-def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist",
+def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "mnist",
           batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
               map(str, defaults.SWEEP_BATCH_SIZES)),
           epochs: Epochs = defaults.SWEEP_EPOCHS, train_size: TrainSize = defaults.SWEEP_TRAIN_SIZE,
@@ -298,7 +300,7 @@ def sweep(ctx: typer.Context, norm: Norms = None, dataset: DatasetName = "mnist"
     from normtf.console import console, sweep_table, warn
 
     sizes = parse_batch_sizes(batch_sizes)
-    norms = [n.value for n in norm] if norm else list(defaults.SWEEP_NORMS)
+    norms = [n.value for n in norm] if norm else sweep_defaults()
     config = _config(ctx, locals(), norm=norms[0])
     writable(runs_dir, "--runs-dir")  # every place the sweep writes, before its first run
     img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
@@ -431,12 +433,12 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
               "no with --quick).")] = None):
     """Training speed against the PyTorch reference. Throughput, memory, evaluation time, FLOP floor,
     and the epoch a user waits for."""
-    from normtf.bench import format_table, run_benchmark
+    from normtf.bench import default_norms, format_table, run_benchmark
     from normtf.console import console
 
     out = bench_file(out, against)
     writable(out.parent, "--out")
-    result = run_benchmark([n.value for n in norm] if norm else list(NORMS), repeats, quick, steps, reference, out,
+    result = run_benchmark([n.value for n in norm] if norm else default_norms(against, reference), repeats, quick, steps, reference, out,
                            progress=lambda message: console.print(message, highlight=False), epoch=epoch,
                            against=against)
     console.print(format_table(result))

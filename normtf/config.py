@@ -143,7 +143,6 @@ def recipe(name: str) -> TrainConfig:
 
 
 # The batch-size sweep's defaults (normtf sweep): the budget of 2 epochs of 20,000 images.
-SWEEP_NORMS = ("batch", "layer", "group")
 SWEEP_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
 SWEEP_EPOCHS, SWEEP_TRAIN_SIZE = 2, 20_000
 SWEEP_SEEDS = 3  # every point over three seeds: one draw per point cannot tell a trend from noise

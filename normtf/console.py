@@ -48,7 +48,7 @@ def results_table(groups: dict[str, list], title: str = "Results") -> Table:
     for column in ["variant", "params", "seeds", "final test\nacc", "best test acc\n(epoch)", "final test\nloss",
                    "s /\nepoch", "status"]:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right",
-                         no_wrap=column in ("variant", "params", "seeds", "final test\nloss", "s /\nepoch"),
+                         no_wrap=column != "status",  # only the status wraps: the 80 columns go to it
                          min_width={"final test\nacc": 13, "best test acc\n(epoch)": 13, "status": 7}.get(column))
     for norm, group in groups.items():
         done = [r.metrics for r in group if r.metrics.get("status") == "finished"]
@@ -154,4 +154,7 @@ def explain_table(norm: str, batch_size: int, reports, dataset: str = "MNIST") -
                       f"{r.trainable:,}", f"{r.non_trainable:,}",
                       f"yes: moving statistics (max |Δ| {r.test_time_max_change:.2f})"
                       if r.test_time_differs else "no")
+    notes = [note for r in reports for note in r.notes]
+    if notes:
+        table.caption, table.caption_justify = "\n".join(notes), "left"
     return table

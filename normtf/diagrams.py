@@ -1,4 +1,4 @@
-"""Figures of which activations share one mean and variance, after Wu & He 2018, figure 2.
+"""Figures of which activations share one mean and variance: the four of Wu & He 2018, figure 2.
 
 The activation tensor is drawn as a cube: N (samples) across, C (channels) down, and H, W
 flattened into the depth axis. Every normalization here pools all of H, W, so what tells them
@@ -22,6 +22,8 @@ KINDS = {
               "one mean and variance per channel:\nC of them, over N×H×W values each"),
     "layer": ("Layer Norm", "LayerNorm.png",
               "one mean and variance per sample:\nN of them, over C×H×W values each"),
+    "instance": ("Instance Norm", "InstanceNorm.png",
+                 "one mean and variance per sample and channel:\nN×C of them, over H×W values each"),
     "group": ("Group Norm", "GroupNorm.png",
               "one mean and variance per sample and group:\n"
               "N×G of them (G = {groups}), over (C/G)×H×W each"),
@@ -43,6 +45,8 @@ def shaded_cells(kind: str, n: int, c: int, groups: int) -> set[tuple[int, int]]
         return {(s, 0) for s in range(n)}
     if kind == "layer":
         return {(0, ch) for ch in range(c)}
+    if kind == "instance":
+        return {(0, 0)}
     if kind == "group":
         if groups < 1 or c % groups:
             raise ValueError(f"cannot split {c} channels into {groups} equal groups")
@@ -101,9 +105,9 @@ def draw_diagram(kind: str, path: Path, groups: int = 2) -> Path:
     ax.set_title(title, fontsize=18, fontweight="bold", pad=6)
     fig.text(0.5, 0.02, caption, ha="center", va="bottom", fontsize=12.5, color="#333333", linespacing=1.35)
 
-    return save(fig, path, tight=False)  # the three sit side by side in the README: one size
+    return save(fig, path, tight=False)  # the four sit side by side in the README: one size
 
 
 def draw_diagrams(img_dir: Path = Path("img"), groups: int = 2) -> list[Path]:
-    """The three README figures, BatchNorm.png, LayerNorm.png and GroupNorm.png, in `img_dir`."""
+    """The four README figures, BatchNorm.png, LayerNorm.png, InstanceNorm.png and GroupNorm.png, in `img_dir`."""
     return [draw_diagram(kind, Path(img_dir) / name, groups) for kind, (_, name, _) in KINDS.items()]

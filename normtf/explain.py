@@ -2,7 +2,10 @@
 
 Nothing here is a formula typed in: the statistics sets are found by testing in which partition of
 the layer's output every part is the standardization of that part of its input (gamma=1, beta=0
-in a fresh model), and the test-time difference by running the layer both ways.
+in a fresh model), and the test-time difference by running the layer both ways. A model without
+norm layers (`none`) has each block's ReLU tested the same way (nothing standardizes). What a
+variant adds is measured too: batch renormalization's r and d on the batch (by the layer's own
+code), and a weight-standardized convolution's kernel, read back by convolving unit impulses.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class NormReport:
     non_trainable: int
     test_time_differs: bool
     test_time_max_change: float
+    notes: tuple[str, ...] = ()  # what else the block computes, measured: r and d, a standardized kernel
 
 
 UNIT_ROUNDOFF = 2.0**-24  # float32's: the relative error of one rounding
@@ -43,7 +47,8 @@ def _partitions(shape, channels_divisors):
     yield "N, H, W (per channel)", c, (1, n * h * w, c, 1)
     yield "H, W, C (per sample)", n, (n, h * w, 1, c)
     for g in channels_divisors:
-        yield f"H, W, {c // g} of {c} channels (per sample and group)", n * g, (n, h * w, g, c // g)
+        name = "H, W (per sample and channel)" if g == c else f"H, W, {c // g} of {c} channels (per sample and group)"
+        yield name, n * g, (n, h * w, g, c // g)
 
 
 def _moments(pieces) -> dict[str, np.ndarray]:
@@ -125,15 +130,19 @@ def find_statistics_sets(inputs: np.ndarray, outputs: np.ndarray, epsilon: float
 
 
 def explain(norm: str, images: np.ndarray, config: TrainConfig | None = None) -> list[NormReport]:
-    """Run a fresh `norm` model on `images` (normalized, (N, 28, 28, 1)) and report each norm layer."""
+    """Run a fresh `norm` model on `images` (normalized, (N, 28, 28, 1)) and report each norm layer
+    (for a model without any, each block's ReLU: the layer where a norm would act on its output)."""
     config = config or TrainConfig(norm=norm)
     keras.utils.set_random_seed(config.seed)
     model = build_model(norm, config)
-    layers = norm_layers(model)
+    layers = norm_layers(model) or [layer for layer in model.layers if layer.name.endswith("_relu")]
     probe = keras.Model(model.inputs[0], [layer.input for layer in layers])
     reports = []
     for layer, x in zip(layers, probe(images, training=True)):  # as in a training step
         x = keras.ops.convert_to_numpy(x)
+        notes = _renormalization(layer, x) if hasattr(layer, "corrections") else ()
+        conv = model.get_layer(layer.name.split("_")[0] + "_conv")
+        notes += _standardized_kernel(conv) if hasattr(conv, "saved_as") else ()
         train_out = keras.ops.convert_to_numpy(layer(x, training=True))
         test_out = keras.ops.convert_to_numpy(layer(x, training=False))
         reduces_over, statistics = find_statistics_sets(x, train_out)
@@ -143,9 +152,38 @@ def explain(norm: str, images: np.ndarray, config: TrainConfig | None = None) ->
             statistics=statistics,
             trainable=sum(int(np.prod(w.shape)) for w in layer.trainable_weights),
             non_trainable=sum(int(np.prod(w.shape)) for w in layer.non_trainable_weights),
-            test_time_differs=change > 1e-4, test_time_max_change=change,
+            test_time_differs=change > 1e-4, test_time_max_change=change, notes=notes,
         ))
     return reports
+
+
+def _renormalization(layer, x: np.ndarray) -> tuple[str]:
+    """Batch renormalization's r and d for batch x, as the layer computes them (its `corrections`)
+    against the moving statistics it holds, unclipped, and the clipping its schedule applies."""
+    mean, variance = keras.ops.moments(keras.ops.convert_to_tensor(x), axes=[0, 1, 2])
+    r, d = (keras.ops.convert_to_numpy(t) for t in layer.corrections(mean, variance, clip=False))
+    step = int(keras.ops.convert_to_numpy(layer.step))
+    r_max, d_max = (float(v) for v in layer.limits(step))
+    clipped = (f"clipped to r = 1, d = 0 in the warm-up (batch norm until step {layer.warmup_steps:,})"
+               if r_max == 1 and d_max == 0 else f"clipped at step {step:,} to [{1 / r_max:.3g}, {r_max:.3g}] and ±{d_max:.3g}")
+    return (f"{layer.name}: r = σ_B/σ from {r.min():.3f} to {r.max():.3f}, d = (μ_B − μ)/σ from {d.min():.3f} to "
+            f"{d.max():.3f} on this batch, {clipped}",)
+
+
+def _standardized_kernel(conv) -> tuple[str]:
+    """The kernel a weight-standardized convolution convolves with, read back by running it on
+    unit impulses (one image per kernel weight), and how many of its output channels have
+    weights of mean 0 and variance 1 (n − 1, as the paper's reference code's std)."""
+    kh, kw, channels_in, channels_out = conv.kernel.shape
+    n = kh * kw * channels_in
+    impulses = np.eye(n, dtype=np.float32).reshape(n, kh, kw, channels_in)
+    out = keras.ops.convert_to_numpy(conv(impulses))
+    kernel = out[:, (out.shape[1] - 1) // 2, (out.shape[2] - 1) // 2, :].astype(np.float64)  # (n, out)
+    mean, variance = kernel.mean(axis=0), kernel.var(axis=0, ddof=1)
+    standardized = int(((np.abs(mean) < 1e-5) & (np.abs(variance - 1) < 1e-3)).sum())
+    return (f"{conv.name}: {standardized} of {channels_out} output channels' kernels at mean 0 and variance 1 over "
+            f"their {n} weights (largest |mean| {np.abs(mean).max():.1e}, |variance − 1| "
+            f"{np.abs(variance - 1).max():.1e})",)
 
 
 def explain_test_batch(config: TrainConfig, dataset: data.Images, batch_size: int) -> list[NormReport]:

@@ -468,7 +468,14 @@ def save_model(model, path) -> None:
     """model.save(path), then with_keras_classes(path): every model.keras normtf writes. Renaming
     in the written file, rather than saving a copy of the model built from Keras's classes, keeps
     what Keras wrote (weights, optimizer state) byte for byte, and is the same step that converts
-    an older file."""
+    an older file. A layer that holds more than the Keras layer its inference is (batch
+    renormalization's step counter, weight standardization's raw kernel) says which layer to save
+    in its place (`saved_as()`); a model with one is saved as such a copy, without optimizer state
+    (it belongs to weights the file does not hold)."""
+    if any(hasattr(layer, "saved_as") for layer in model.layers):
+        model = keras.Sequential([keras.Input(model.input_shape[1:], name=model._layers[0].name),
+                                  *[layer.saved_as() if hasattr(layer, "saved_as") else layer for layer in model.layers]],
+                                 name=model.name)
     model.save(path)
     with_keras_classes(path)
 

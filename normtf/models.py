@@ -20,6 +20,7 @@ NUM_CLASSES = 10
 
 def build_model(norm: str, config: TrainConfig | None = None):
     """Conv(no bias) -> ReLU -> Norm -> Dropout blocks, channels-last; outputs log-probabilities.
+    The variant chooses the norm layer (none for `none`) and the blocks' convolution (norms.NORMS).
 
     The output is log-softmax in float32 (like the reference's log_softmax + NLL), so the loss is
     sparse cross-entropy with from_logits=True and mixed precision never underflows it.
@@ -33,19 +34,18 @@ def build_model(norm: str, config: TrainConfig | None = None):
     spec = get_norm(norm)
     regularizer = keras.regularizers.L1(config.l1) if spec.l1 and config.l1 > 0 else None
 
-    def conv(filters, kernel, padding, name):
-        return layers.Conv2D(filters, kernel, padding=padding, use_bias=False, kernel_regularizer=regularizer, name=name)
+    def conv(filters, kernel, padding, name, make=layers.Conv2D):
+        return make(filters, kernel, padding=padding, use_bias=False, kernel_regularizer=regularizer, name=name)
 
     model_layers = [keras.Input((28, 28, 1), name="image")]
     for i, (filters, kernel, padding) in enumerate(BLOCKS, start=1):
-        norm_layer = spec.make(config)
-        norm_layer.name = f"block{i}_norm"
-        model_layers += [
-            conv(filters, kernel, padding, f"block{i}_conv"),
-            layers.ReLU(name=f"block{i}_relu"),
-            norm_layer,
-            Dropout(config.dropout, name=f"block{i}_dropout"),  # keras.layers.Dropout with a cheaper mask
-        ]
+        model_layers += [conv(filters, kernel, padding, f"block{i}_conv", spec.conv or layers.Conv2D),
+                         layers.ReLU(name=f"block{i}_relu")]
+        if spec.make:  # the `none` variant's blocks have no norm layer
+            norm_layer = spec.make(config)
+            norm_layer.name = f"block{i}_norm"
+            model_layers.append(norm_layer)
+        model_layers.append(Dropout(config.dropout, name=f"block{i}_dropout"))  # keras.layers.Dropout with a cheaper mask
         if i == 2:
             model_layers += [conv(TRANSITION_FILTERS, 1, "valid", "transition_conv"),
                              layers.MaxPooling2D(2, name="pool")]

@@ -1,8 +1,11 @@
 """The one table that knows the normalization variants. Adding a variant touches this file (and,
-for `normtf bench` to time it against PyTorch, its counterpart in torch_reference.py).
+for `normtf bench` to time it against PyTorch, its counterpart in torch_reference.py, with
+pytorch=True here).
 
 Keras is imported inside the factories so that the CLI can list the variants without loading it.
-The layers are normtf.layers' drop-ins for Keras's own (same weights and results, faster on CPU).
+Keras's layers come as normtf.layers' drop-ins (same weights and results, faster on CPU); the two
+that Keras lacks, batch renormalization and weight standardization, are plain Keras of ours
+(normtf.renorm, normtf.wsconv): correctness and clarity over speed.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ EPS = 1e-5  # PyTorch's default for BatchNorm2d, GroupNorm and LayerNorm; Keras'
 
 @dataclass(frozen=True)
 class Norm:
-    make: Callable[[TrainConfig], object]  # config -> a Keras layer
+    make: Callable[[TrainConfig], object] | None  # config -> a Keras layer; None: no norm layer in the blocks
     description: str
     l1: bool = False  # add the L1 kernel penalty (the study's "batch norm + L1" run)
     uses: frozenset[str] = frozenset()  # which of VARIANT_SETTINGS this variant reads
+    conv: Callable[..., object] | None = None  # the blocks' convolution class (Conv2D's arguments); None: Conv2D
+    pytorch: bool = False  # has a PyTorch counterpart in torch_reference.py (`normtf bench --against reference`)
+    swept: bool = False  # in `normtf sweep`'s default set
 
 
 def _batch(config):
@@ -49,16 +55,42 @@ def _layer_per_channel(config):
     return GroupNormalization(groups=1, epsilon=EPS)  # Wu & He's layer norm: one group
 
 
+def _instance(config):
+    from normtf.layers import GroupNormalization
+
+    return GroupNormalization(groups=-1, epsilon=EPS)  # Wu & He's instance norm: one group per channel
+
+
+def _batch_renorm(config):
+    from normtf.renorm import BatchRenormalization
+
+    return BatchRenormalization(momentum=0.9, epsilon=EPS)  # batch norm's settings; rmax/dmax schedule: renorm.py
+
+
+def _ws_conv(*args, **kwargs):
+    from normtf.wsconv import WSConv2D
+
+    return WSConv2D(*args, **kwargs)
+
+
 NORMS: dict[str, Norm] = {
     "batch-l1": Norm(_batch, "batch norm + L1 on the kernels (the study's run)", l1=True,
-                     uses=frozenset({"l1", "sync_bn"})),
+                     uses=frozenset({"l1", "sync_bn"}), pytorch=True),
     "batch": Norm(_batch, "batch norm without L1 (the control the study lacks)",
-                  uses=frozenset({"sync_bn"})),
-    "layer": Norm(_layer, "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])"),
+                  uses=frozenset({"sync_bn"}), pytorch=True, swept=True),
+    "layer": Norm(_layer, "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])",
+                  pytorch=True, swept=True),
     "group": Norm(_group, "group norm, per-channel gamma/beta, --groups groups (2 in the study)",
-                  uses=frozenset({"groups"})),
+                  uses=frozenset({"groups"}), pytorch=True, swept=True),
     "layer-c": Norm(_layer_per_channel,
-                    "layer norm with per-channel gamma/beta (group norm with one group): 9,910 parameters"),
+                    "layer norm with per-channel gamma/beta (group norm with one group): 9,910 parameters",
+                    pytorch=True),
+    "none": Norm(None, "no norm layer (conv -> ReLU -> dropout): what normalization buys", swept=True),
+    "instance": Norm(_instance, "instance norm (group norm with one group per channel)"),
+    "batch-renorm": Norm(_batch_renorm, "batch renormalization (Ioffe 2017): batch norm whose training output is "
+                                        "corrected towards the moving statistics", swept=True),
+    "group-ws": Norm(_group, "group norm (--groups groups) after weight-standardized convolutions (Qiao et al. 2019)",
+                     uses=frozenset({"groups"}), conv=_ws_conv, swept=True),
 }
 
 
@@ -69,6 +101,11 @@ def get_norm(name: str) -> Norm:
     if name not in NORMS:
         raise UsageError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
     return NORMS[name]
+
+
+def sweep_defaults() -> list[str]:
+    """`normtf sweep`'s variants when none is named."""
+    return [name for name, spec in NORMS.items() if spec.swept]
 
 
 def relevant(config: TrainConfig) -> TrainConfig:

@@ -108,7 +108,7 @@ def test_gallery_without_runs_names_the_command_to_run(tmp_path):
 
 
 def test_unknown_norm_lists_the_valid_names():
-    output = " ".join(run("train", "--norm", "instance").output.split())
+    output = " ".join(run("train", "--norm", "weight").output.split())
     assert "'batch-l1', 'batch', 'layer', 'group', 'layer-c'" in output
 
 
@@ -165,7 +165,8 @@ def test_explain_prints_the_statistics_of_each_norm_layer(monkeypatch):
 def test_diagrams_are_drawn(tmp_path):
     result = run("diagrams", "--img-dir", tmp_path)
     assert result.exit_code == 0
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["BatchNorm.png", "GroupNorm.png", "LayerNorm.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["BatchNorm.png", "GroupNorm.png", "InstanceNorm.png",
+                                                              "LayerNorm.png"]
 
 
 def test_compare_shows_a_diverged_run_as_failed(tmp_path, monkeypatch):

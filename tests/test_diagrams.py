@@ -27,7 +27,11 @@ def test_group_shades_one_group_of_one_sample(groups):
     assert sorted(ch for _, ch in cells) == list(range(6 // groups))  # adjacent channels: one group
 
 
-@pytest.mark.parametrize("kind, groups", [("instance", 2), ("group", 4), ("group", 0)])
+def test_instance_shades_one_channel_of_one_sample():
+    assert shaded_cells("instance", n=6, c=6, groups=2) == {(0, 0)}
+
+
+@pytest.mark.parametrize("kind, groups", [("weight", 2), ("group", 4), ("group", 0)])
 def test_bad_kind_or_groups_raise(kind, groups):
     with pytest.raises(ValueError):
         shaded_cells(kind, n=6, c=6, groups=groups)
@@ -35,13 +39,13 @@ def test_bad_kind_or_groups_raise(kind, groups):
 
 def test_draw_diagram_rejects_unknown_kind(tmp_path):
     with pytest.raises(ValueError):
-        draw_diagram("instance", tmp_path / "x.png")
+        draw_diagram("weight", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
-def test_draw_diagrams_writes_three_pngs_of_the_same_size(tmp_path):
+def test_draw_diagrams_writes_wu_and_hes_four_pngs_of_the_same_size(tmp_path):
     paths = draw_diagrams(tmp_path / "img")
-    assert [p.name for p in paths] == ["BatchNorm.png", "LayerNorm.png", "GroupNorm.png"]
+    assert [p.name for p in paths] == ["BatchNorm.png", "LayerNorm.png", "InstanceNorm.png", "GroupNorm.png"]
     sizes = set()
     for p in paths:
         data = p.read_bytes()

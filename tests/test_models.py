@@ -8,7 +8,8 @@ from normtf.explain import explain, find_statistics_sets
 from normtf.models import build_model, norm_layers, trainable_params
 from normtf.norms import EPS, NORMS
 
-EXPECTED_PARAMS = {"batch-l1": 9910, "batch": 9910, "group": 9910, "layer": 66974, "layer-c": 9910}
+EXPECTED_PARAMS = {"batch-l1": 9910, "batch": 9910, "group": 9910, "layer": 66974, "layer-c": 9910,
+                   "none": 9726, "instance": 9910, "batch-renorm": 9910, "group-ws": 9910}
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -180,7 +180,8 @@ def check_rows(name: str) -> dict[str, list[str]]:
     """The check table's rows, each checked against its committed run and the committed seeds."""
     directory = ROOT / "results" / "checks" / name
     rows = {norm.strip("`"): cells for norm, cells in readme_table(["variant", CHECKS[name]]).items()}
-    assert sorted(rows) == sorted(p.name for p in directory.iterdir()) == sorted(NORMS)
+    assert sorted(rows) == sorted(p.name for p in directory.iterdir())
+    assert set(rows) >= {n for n, spec in NORMS.items() if spec.pytorch}  # the study's five at least: the checks predate the other variants
     pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
     for norm, cells in rows.items():
         run = RunDir(directory / norm)

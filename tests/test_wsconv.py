@@ -1,0 +1,88 @@
+"""Weight standardization (normtf.wsconv) against a float64 NumPy computation of Qiao et al.'s
+formula as their reference code computes it: outputs, gradients through the standardization, and
+the plain Conv2D holding the standardized kernel that a file holds."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from normtf import wsconv
+from normtf.layers import save_model
+from normtf.models import build_model
+
+rng = np.random.default_rng(3)
+X = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+KERNEL = (rng.normal(size=(3, 3, 3, 4)) * 0.2 + 0.05).astype(np.float32)
+
+
+def standardized(w):
+    """Each output channel's weights minus their mean, over their std (n - 1) plus 1e-5."""
+    w = w.astype(np.float64)
+    centered = w - w.mean(axis=(0, 1, 2))
+    return centered / (centered.reshape(-1, w.shape[-1]).std(axis=0, ddof=1) + 1e-5)
+
+
+def convolve(x, w):
+    """Valid cross-correlation (Keras's Conv2D), float64."""
+    windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), w.shape[:2], axis=(1, 2))
+    return np.einsum("nijcab,abco->nijo", windows, w)
+
+
+def layer():
+    conv = wsconv.WSConv2D(4, 3, use_bias=False)
+    conv.build(X.shape)
+    conv.kernel.assign(KERNEL)
+    return conv
+
+
+def test_output_is_the_convolution_with_the_standardized_kernel():
+    np.testing.assert_allclose(layer()(X), convolve(X, standardized(KERNEL)), rtol=1e-5, atol=1e-5)
+    w = standardized(KERNEL).reshape(-1, 4)
+    np.testing.assert_allclose(w.mean(axis=0), 0, atol=1e-12)  # the check can fail: KERNEL's are not
+    assert np.abs(KERNEL.reshape(-1, 4).mean(axis=0)).min() > 1e-3
+
+
+def test_gradients_flow_through_the_standardization():
+    weights = rng.normal(size=(2, 3, 3, 4))
+    conv = layer()
+
+    def numeric(f, at):
+        grad, h = np.zeros(at.shape), 1e-6
+        for i in np.ndindex(at.shape):
+            up, down = at.astype(np.float64), at.astype(np.float64)
+            up[i] += h
+            down[i] -= h
+            grad[i] = (f(up) - f(down)) / (2 * h)
+        return grad
+
+    xt = tf.constant(X)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_sum(conv(xt) * tf.constant(weights, tf.float32))
+    dx, dkernel = tape.gradient(loss, [xt, conv.kernel])
+    np.testing.assert_allclose(dkernel, numeric(lambda w: (convolve(X, standardized(w)) * weights).sum(), KERNEL),
+                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(dx, numeric(lambda x: (convolve(x, standardized(KERNEL)) * weights).sum(), X),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_saved_as_a_plain_conv2d_holding_the_standardized_kernel():
+    conv = layer()
+    saved = conv.saved_as()
+    assert type(saved) is keras.layers.Conv2D and saved.get_config() == keras.layers.Conv2D.get_config(conv)
+    np.testing.assert_allclose(saved.kernel.numpy(), standardized(KERNEL), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(saved(X), conv(X), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_file_holds_conv2d_and_predicts_as_trained(tmp_path, test_batch):
+    model = build_model("group-ws")
+    save_model(model, tmp_path / "model.keras")
+    plain = keras.saving.load_model(tmp_path / "model.keras")
+    convs = [layer for layer in plain.layers if layer.name.startswith("block") and layer.name.endswith("_conv")]
+    assert [type(layer) for layer in convs] == [keras.layers.Conv2D] * 6
+    trained = [layer for layer in model.layers if isinstance(layer, wsconv.WSConv2D)]
+    assert [layer.name for layer in trained] == [layer.name for layer in convs]  # the transition conv stays plain
+    for mine, theirs in zip(trained, convs):
+        np.testing.assert_allclose(theirs.kernel.numpy(), standardized(mine.kernel.numpy()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain.predict(test_batch, verbose=0), model.predict(test_batch, verbose=0),
+                               rtol=0, atol=1e-5)
