@@ -2,7 +2,7 @@
 for `normtf bench` to time it against PyTorch, its counterpart in torch_reference.py).
 
 Keras is imported inside the factories so that the CLI can list the variants without loading it.
-The layers are normtf.layers' drop-ins for Keras's own (same weights and results, faster on CPU).
+The layers are normtf.fused_norms' drop-ins for Keras's own (same weights and results, faster on CPU).
 """
 
 from __future__ import annotations
@@ -25,26 +25,26 @@ class Norm:
 
 
 def _batch(config):
-    from normtf.layers import BatchNormalization
+    from normtf.fused_norms import BatchNormalization
 
     # PyTorch's momentum 0.1; --sync-bn: statistics over the global batch of all replicas.
     return BatchNormalization(momentum=0.9, epsilon=EPS, synchronized=config.sync_bn)
 
 
 def _layer(config):
-    from normtf.layers import LayerNormalization
+    from normtf.fused_norms import LayerNormalization
 
     return LayerNormalization(axis=(1, 2, 3), epsilon=EPS)  # element-wise gamma/beta over (H, W, C)
 
 
 def _group(config):
-    from normtf.layers import GroupNormalization
+    from normtf.fused_norms import GroupNormalization
 
     return GroupNormalization(groups=config.groups, epsilon=EPS)
 
 
 def _layer_per_channel(config):
-    from normtf.layers import GroupNormalization
+    from normtf.fused_norms import GroupNormalization
 
     return GroupNormalization(groups=1, epsilon=EPS)  # Wu & He's layer norm: one group
 

@@ -113,7 +113,7 @@ def digests(stderr: str) -> list[str]:
 def saved_model(run_dir):
     import keras
 
-    import normtf.layers  # noqa: F401  (registers normtf's layers for loading)
+    import normtf.model_files  # noqa: F401  (registers normtf's layers for loading)
 
     return keras.saving.load_model(run_dir / "model.keras")
 
