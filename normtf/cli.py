@@ -14,7 +14,7 @@ import typer
 from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
 from normtf.data import DATASETS
-from normtf.errors import Interrupted, NormtfError, RunFailed, UsageError
+from normtf.errors import Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
 from normtf.norms import NORMS
 from normtf.runs import dataset_dir
 
@@ -63,6 +63,10 @@ def friendly(tensorflow: bool = True):
 
                     start_tensorflow()
                 return command(*args, **kwargs)
+            except NothingToDo as e:
+                from normtf.console import console
+
+                console.print(escape(str(e)), highlight=False, soft_wrap=True)
             except Interrupted as e:
                 fail(f"[yellow]{escape(str(e))}[/]", EXIT_INTERRUPTED)
             except KeyboardInterrupt:
