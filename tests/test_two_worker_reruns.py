@@ -1,35 +1,23 @@
 """Two real worker processes on 127.0.0.1, as tests/test_distributed.py starts them: a rerun of a
 finished run, a killed non-chief's scratch directory, and what a survivor prints when a worker
-dies. The workers' environment is a user's: no TF_CPP_MIN_LOG_LEVEL."""
+dies. The workers' environment is a user's: the tests do not set TF_CPP_MIN_LOG_LEVEL."""
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from test_distributed import WORKER_TIMEOUT, finish, normtf_train, tf_configs
+from test_distributed import WORKER_TIMEOUT, finish, normtf_train, start_workers
 
 TINY = ["--norm", "group", "--train-size", "512", "--test-size", "200"]
 RUNTIME_LINE = re.compile(r"\.cc:\d+\]")  # TensorFlow's C++ log lines name their source file and line
 
 
-def start(command, tmp_path, name, scratch="tmp", verbose=(False, False)):
-    """Both workers running `normtf [--verbose] <command>` (per worker), output in
-    tmp_path/<name>-<i>.out/.err, temporary files under tmp_path/<scratch> (shared by starts
-    that pass the same one, as one machine's /tmp is)."""
-    (tmp_path / scratch).mkdir(exist_ok=True)
-    workers = []
-    for i, tf_config in enumerate(tf_configs()):
-        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-        env.update(TF_CONFIG=tf_config, TMPDIR=str(tmp_path / scratch))
-        argv = [command[0], *(["--verbose"] if verbose[i] else []), *command[1:]]
-        with open(tmp_path / f"{name}-{i}.out", "w") as out, open(tmp_path / f"{name}-{i}.err", "w") as err:
-            workers.append(subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=tmp_path))
-    return workers
+def start(command, tmp_path, name, verbose=()):
+    """Both workers as a user starts them (TF_CPP_MIN_LOG_LEVEL as the environment has it: unset
+    by normtf's tests), temporary files under tmp_path/tmp for every start, as one machine's /tmp is."""
+    return start_workers(command, tmp_path, name, scratch="tmp", log_level=None, verbose=verbose)
 
 
 def scratch_dirs(tmp_path):
@@ -88,7 +76,7 @@ def test_a_killed_non_chief_leaves_nothing_and_the_survivor_prints_one_line_last
 def test_with_verbose_a_survivor_shows_tensorflows_own_lines(tmp_path):
     """The same death with `normtf --verbose` on the chief: TensorFlow's C++ lines are shown."""
     command = normtf_train(tmp_path / "runs", *TINY, "--epochs", "2")
-    workers = start(command, tmp_path, "verbose", verbose=(True, False))
+    workers = start(command, tmp_path, "verbose", verbose=(0,))
     kill_after_epoch_1(workers, tmp_path / "runs" / "group" / "history.json")
     codes, errors = finish(workers, tmp_path, "verbose", timeout=90)
     assert codes[0] == 1, errors[0][-3000:]

@@ -124,7 +124,8 @@ def _one_step(norm, images, labels):
 def test_every_variant_trains_a_step_without_xla_as_with_it(norm, dataset, fresh_xla, monkeypatch):
     """One training step of each variant (dropout on, the fused blocks) with XLA and without:
     the same weights to float32 rounding (the same dropout mask; the expressions' operations in
-    TensorFlow's order instead of XLA's loop)."""
+    TensorFlow's order instead of XLA's loop; measured: at most 1.0e-6 of an array's largest
+    value, for batch norm, 2.6e-7 for layer-c)."""
     images = data.normalized(dataset.x_train[:32], dataset.mean, dataset.std)
     labels = dataset.y_train[:32]
     with_xla = _one_step(norm, images, labels)
