@@ -157,8 +157,8 @@ def _summarize(ours: dict, theirs: dict | None, gflops: float) -> dict:
     }
 
 
-# What normtf is timed against (--against). The class names are normtf.layers.OURS's, written out
-# so that a bad value is refused before Keras loads (tests/test_bench.py keeps the two the same).
+# What normtf is timed against (--against). The class names are normtf.model_files.OURS's, written
+# out so that a bad value is refused before Keras loads (tests/test_bench.py keeps the two the same).
 AGAINST = {"reference": "the PyTorch reference", "keras-layers": "the same model with Keras's layers",
            **{f"keras-{name}": f"the same model with Keras's {name}" for name in
               ("Dropout", "BatchNormalization", "GroupNormalization", "LayerNormalization")}}
@@ -356,7 +356,7 @@ def measure_normtf(norm: str, steps: int, warmup: int, repeats: int, evals: int,
     import keras
 
     from normtf import data as datasets
-    from normtf.layers import with_keras_layers
+    from normtf.model_files import with_keras_layers
     from normtf.training import EVAL_BATCH, compile_model, prepare
 
     config = TrainConfig(norm=norm)

@@ -17,7 +17,7 @@ import typer
 from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
 from normtf.data import DATASETS, DEFAULT as DEFAULT_DATASET
-from normtf.errors import Interrupted, NormtfError, RunFailed, UsageError
+from normtf.errors import Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
 from normtf.norms import NORMS, sweep_defaults
 from normtf.outputs import RUNS, bench_file, figures_dir, sweep_file, writable
 
@@ -90,6 +90,10 @@ def friendly(tensorflow: bool = True):
                         quiet.threads = 1  # the thread count changes the last bits: pinned, whatever --jobs
                     quiet.start_tensorflow()
                 return command(*args, **kwargs)
+            except NothingToDo as e:
+                from normtf.console import console
+
+                console.print(escape(str(e)), highlight=False, soft_wrap=True)
             except Interrupted as e:
                 fail(f"[yellow]{escape(str(e))}[/]", EXIT_INTERRUPTED)
             except KeyboardInterrupt:

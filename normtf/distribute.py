@@ -3,17 +3,24 @@ starts alike on every worker, what a lost worker looks like, and one workaround 
 
 Every worker runs the same `normtf train` command; TF_CONFIG tells each its index. Worker 0, the
 chief, owns the run directory. The others train into a scratch directory that is removed when they
-exit (as TensorFlow's multi-worker guide does), so that workers on one machine never fight over
-<runs-dir>/<norm>/, and workers on other machines need no shared disk: a resumed run takes its
-epoch count and weights from the chief, over the network.
+exit (as TensorFlow's multi-worker guide does), or by the next start of a worker if it was killed,
+so that workers on one machine never fight over <runs-dir>/<norm>/, and workers on other machines
+need no shared disk: a resumed run takes its epoch count and weights from the chief, over the
+network. A rerun of a finished run ends every worker with one line and exit code 0.
+
+When a worker dies, TensorFlow's C++ runtime prints its view of it (missed heartbeats, aborted
+collectives) on the others, before and after the one line normtf prints: so under this strategy
+the runtime's lines go to /dev/null unless `normtf --verbose` (quiet.verbose).
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
+import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,15 +29,39 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from normtf.errors import NormtfError
+from normtf import quiet
+from normtf.errors import NormtfError, NothingToDo
 
 
 def multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
     """A dead worker is noticed by the coordination service that this strategy starts: heartbeats
     stop, and the others' collective ops fail (in about 10 s here) instead of waiting for ever. No
     CommunicationOptions(timeout_seconds): TensorFlow documents it as for debugging only (one extra
-    thread per collective op for the whole timeout)."""
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    thread per collective op for the whole timeout). From here on, TensorFlow's C++ lines are
+    hidden unless --verbose when there are several workers (_hide_runtime_lines)."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if workers(strategy) > 1:
+        _hide_runtime_lines()
+    return strategy
+
+
+def _hide_runtime_lines() -> None:
+    """Descriptor 2 (where TensorFlow's C++ runtime writes) to /dev/null for the rest of the
+    process; Python's sys.stderr (normtf's lines, warnings, tracebacks) keeps writing to the real
+    one, through a duplicate of it. Without this, a worker's death prints the runtime's error
+    lines around normtf's one line, some of them as the process exits."""
+    global _runtime_lines_hidden
+    if quiet.verbose or _runtime_lines_hidden:
+        return
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    _runtime_lines_hidden = True
+
+
+_runtime_lines_hidden = False
 
 
 def workers(strategy: tf.distribute.Strategy) -> int:
@@ -51,17 +82,40 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return strategy.extended.should_checkpoint
 
 
+SCRATCH = "normtf-scratch-"  # a non-chief's scratch directory: then <pid>-<task type>-<task index>-<random>
+
+
 def worker_runs_dir(strategy: tf.distribute.Strategy, runs_dir: Path | str, warn) -> Path:
     """runs_dir for the chief (and any single process); a scratch directory, removed when the
-    process exits, for every other worker."""
+    process exits, for every other worker. A killed worker cannot remove its own: its name
+    carries the process id, and the next worker to start here removes those of dead processes."""
     if workers(strategy) == 1 or is_chief(strategy):
         return Path(runs_dir)
     resolver = strategy.cluster_resolver
-    scratch = tempfile.mkdtemp(prefix=f"normtf-{resolver.task_type}-{resolver.task_id}-")
+    _remove_dead_scratch()
+    scratch = tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-{resolver.task_type}-{resolver.task_id}-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     warn(f"this is {worker_name(strategy)}: the chief writes the run to its {runs_dir}; this worker's copy goes "
          f"to {scratch} and is removed when it exits")
     return Path(scratch)
+
+
+def _remove_dead_scratch() -> None:
+    """Remove the scratch directories of workers that were killed (their process is gone)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH}*"):
+        pid = path.name[len(SCRATCH):].split("-", 1)[0]
+        if pid.isdigit() and path.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def _from_chief(strategy: tf.distribute.Strategy, value):
@@ -77,8 +131,8 @@ def chief_epochs(strategy: tf.distribute.Strategy, epochs_done: int, epochs: int
         return epochs_done
     done = int(_from_chief(strategy, tf.constant(epochs if finished else epochs_done, tf.int64)))
     if done >= epochs and not is_chief(strategy):
-        raise NormtfError("nothing to train: the chief already holds this finished run (pass --force to every "
-                          "worker to train it again)")
+        raise NothingToDo(f"{worker_name(strategy)}: finished; the chief already holds this finished run (pass "
+                          "--force to every worker to train it again)")
     return done
 
 
@@ -121,7 +175,7 @@ def peer_failures_as_errors(strategy: tf.distribute.Strategy):
         if workers(strategy) == 1:
             raise
         raise NormtfError(f"{worker_name(strategy)}: {_what_was_lost(e)}; the chief keeps every finished epoch: "
-                          "start every worker again to resume") from None
+                          "start every worker again to resume (--verbose shows TensorFlow's own lines)") from None
 
 
 def _what_was_lost(error: Exception) -> str:

@@ -21,6 +21,11 @@ class Interrupted(NormtfError):
     """Ctrl-C or SIGTERM during training: the epoch in progress is dropped, finished epochs are kept."""
 
 
+class NothingToDo(NormtfError):
+    """Nothing left for this process to do, which is no failure (exit code 0): a worker whose chief
+    already holds the finished run."""
+
+
 class RunFailed(NormtfError):
     """A run ended failed (its loss became NaN or infinite); the others of the command still ran."""
 

@@ -11,7 +11,7 @@ import numpy as np
 from normtf import data
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError, UsageError
-from normtf.layers import with_our_classes  # importing normtf.layers also lets older files that name them load
+from normtf.model_files import with_our_classes  # importing it also lets older files that name normtf's layers load
 from normtf.precise_bn import precise_statistics
 from normtf.runs import RunDir
 

@@ -28,7 +28,8 @@ def build_model(norm: str, config: TrainConfig | None = None):
     import keras
     from keras import layers
 
-    from normtf.layers import Dropout, Sequential
+    from normtf.dropout import Dropout
+    from normtf.fused_blocks import Sequential
 
     config = config or TrainConfig(norm=norm)
     spec = get_norm(norm)

@@ -3,7 +3,7 @@ for `normtf bench` to time it against PyTorch, its counterpart in torch_referenc
 pytorch=True here).
 
 Keras is imported inside the factories so that the CLI can list the variants without loading it.
-Keras's layers come as normtf.layers' drop-ins (same weights and results, faster on CPU); the two
+Keras's layers come as normtf.fused_norms' drop-ins (same weights and results, faster on CPU); the two
 that Keras lacks, batch renormalization and weight standardization, are plain Keras of ours
 (normtf.renorm, normtf.wsconv): correctness and clarity over speed.
 """
@@ -31,32 +31,32 @@ class Norm:
 
 
 def _batch(config):
-    from normtf.layers import BatchNormalization
+    from normtf.fused_norms import BatchNormalization
 
     # PyTorch's momentum 0.1; --sync-bn: statistics over the global batch of all replicas.
     return BatchNormalization(momentum=0.9, epsilon=EPS, synchronized=config.sync_bn)
 
 
 def _layer(config):
-    from normtf.layers import LayerNormalization
+    from normtf.fused_norms import LayerNormalization
 
     return LayerNormalization(axis=(1, 2, 3), epsilon=EPS)  # element-wise gamma/beta over (H, W, C)
 
 
 def _group(config):
-    from normtf.layers import GroupNormalization
+    from normtf.fused_norms import GroupNormalization
 
     return GroupNormalization(groups=config.groups, epsilon=EPS)
 
 
 def _layer_per_channel(config):
-    from normtf.layers import GroupNormalization
+    from normtf.fused_norms import GroupNormalization
 
     return GroupNormalization(groups=1, epsilon=EPS)  # Wu & He's layer norm: one group
 
 
 def _instance(config):
-    from normtf.layers import GroupNormalization
+    from normtf.fused_norms import GroupNormalization
 
     return GroupNormalization(groups=-1, epsilon=EPS)  # Wu & He's instance norm: one group per channel
 

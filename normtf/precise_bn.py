@@ -95,7 +95,7 @@ def precise_statistics(model, images: np.ndarray, batch_size: int, seed: int = 0
 def _batch_norm(layer, x, batch_size: int):
     """The batch-norm layer's training-time output for x, each group of batch_size consecutive
     images normalized by its own statistics; and those (K groups, C channels) means and biased
-    variances (Keras's and normtf's layers normalize by the biased one). As normtf.layers does,
+    variances (Keras's and normtf's layers normalize by the biased one). As normtf.fused_norms does,
     in float32 and summed per image first, then over the batch: one float32 sum over a whole
     batch's pixels drifts with its length."""
     from keras import ops

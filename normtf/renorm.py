@@ -88,7 +88,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
                 "r_max_step": self.r_max_step, "d_max_step": self.d_max_step}
 
     def saved_as(self):
-        """What a model file holds in this layer's place (normtf.layers.save_model): Keras's batch
+        """What a model file holds in this layer's place (normtf.model_files.save_model): Keras's batch
         norm with this layer's config, gamma, beta and moving statistics; what inference computes."""
         layer = keras.layers.BatchNormalization.from_config(keras.layers.BatchNormalization.get_config(self))
         layer.build((None,) * (self.input_spec.ndim - 1) + (self.moving_mean.shape[0],))  # the rank it was built for

@@ -19,11 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 from normtf import data
-from normtf import distribute
+from normtf import distribute, xla
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, Interrupted, NormtfError, UsageError
 from normtf.files import atomic_path, write_json
-from normtf.layers import save_model
+from normtf.model_files import save_model
 from normtf.models import build_model, trainable_params
 from normtf.norms import relevant
 from normtf.runs import RunDir, code_version, is_finite, summarize
@@ -50,11 +50,12 @@ class TrainResult:
 
 
 def resolve_device(config: TrainConfig) -> Device:
-    """auto: mixed_float16 + XLA on a GPU; float32, no XLA on CPU (XLA made a CPU epoch 16x slower)."""
+    """auto: mixed_float16 + XLA on a GPU (where XLA compiles: xla.available); float32, no XLA on
+    CPU (XLA made a CPU epoch 16x slower)."""
     gpus = tf.config.list_physical_devices("GPU")
     name = f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
     precision = config.precision if config.precision != "auto" else ("mixed_float16" if gpus else "float32")
-    jit = {"on": True, "off": False, "auto": bool(gpus)}[config.jit]
+    jit = {"on": True, "off": False, "auto": bool(gpus) and xla.available()}[config.jit]
     return Device(name, precision, jit)
 
 
@@ -122,6 +123,7 @@ def prepare(config: TrainConfig, steps_per_epoch: int = 1) -> tuple[keras.Model,
     """The compiled model of a run, as `train` and the benchmark use it: strategy, precision,
     seed, then the model built and compiled inside the strategy's scope."""
     strategy = make_strategy(config.strategy)
+    xla.available()  # found out once, at the start (after the strategy: a TensorFlow op); says which under --verbose
     device = resolve_device(config)
     keras.mixed_precision.set_global_policy(device.precision)
     if config.deterministic:

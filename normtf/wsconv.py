@@ -40,7 +40,7 @@ class WSConv2D(keras.layers.Conv2D):
         return super().convolution_op(inputs, ops.cast(standardize(kernel), inputs.dtype))
 
     def saved_as(self):
-        """What a model file holds in this layer's place (normtf.layers.save_model): Keras's Conv2D
+        """What a model file holds in this layer's place (normtf.model_files.save_model): Keras's Conv2D
         with this layer's config and the standardized kernel (and bias, if any)."""
         layer = keras.layers.Conv2D.from_config(keras.layers.Conv2D.get_config(self))
         layer.build((None, None, None, self.kernel.shape[2]))

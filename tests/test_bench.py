@@ -50,7 +50,7 @@ def test_normtf_worker_measures_a_positive_throughput():
 def test_keras_layers_worker_times_the_model_built_from_keras_layers(monkeypatch):
     import keras
 
-    from normtf import layers
+    from normtf import model_files as layers
 
     built = []
     original = layers.with_keras_layers
@@ -65,7 +65,7 @@ def test_keras_layers_worker_times_the_model_built_from_keras_layers(monkeypatch
 def test_keras_layers_of_one_class_replace_only_that_class():
     import keras
 
-    from normtf import layers
+    from normtf import model_files as layers
     from normtf.models import build_model
 
     assert bench._keras_layers("keras-Dropout") == ["Dropout"] and bench._keras_layers("keras-layers") is True
@@ -75,7 +75,7 @@ def test_keras_layers_of_one_class_replace_only_that_class():
 
 
 def test_every_layer_of_ours_can_be_timed_against_keras_alone():
-    from normtf import layers
+    from normtf import model_files as layers
 
     assert {name.removeprefix("keras-") for name in bench.AGAINST if name.startswith("keras-")} == {
         "layers", *layers.OURS}

@@ -76,16 +76,21 @@ def tf_configs(count=2):
     return [json.dumps({"cluster": {"worker": cluster}, "task": {"type": "worker", "index": i}}) for i in range(count)]
 
 
-def start_workers(command, tmp_path, name):
+def start_workers(command, tmp_path, name, scratch=None, log_level="2", verbose=()):
     """Every worker of a 2-worker cluster running `command`; stdout/stderr in tmp_path/<name>-<i>.*;
-    temporary files (a non-chief's scratch run directory) under tmp_path/<name>-tmp."""
-    scratch = tmp_path / f"{name}-tmp"
+    temporary files (a non-chief's scratch run directory) under tmp_path/<scratch> (default
+    <name>-tmp); TF_CPP_MIN_LOG_LEVEL=log_level (None: as the environment has it, like a user's
+    shell); the workers whose index is in `verbose` run `normtf --verbose ...`."""
+    scratch = tmp_path / (scratch or f"{name}-tmp")
     scratch.mkdir(exist_ok=True)
     workers = []
     for i, tf_config in enumerate(tf_configs()):
-        env = dict(os.environ, TF_CONFIG=tf_config, TMPDIR=str(scratch), TF_CPP_MIN_LOG_LEVEL="2")
+        env = dict(os.environ, TF_CONFIG=tf_config, TMPDIR=str(scratch))
+        if log_level is not None:
+            env["TF_CPP_MIN_LOG_LEVEL"] = log_level
+        argv = [command[0], "--verbose", *command[1:]] if i in verbose else command
         with open(tmp_path / f"{name}-{i}.out", "w") as out, open(tmp_path / f"{name}-{i}.err", "w") as err:
-            workers.append(subprocess.Popen(command, env=env, stdout=out, stderr=err, cwd=tmp_path))
+            workers.append(subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=tmp_path))
     return workers
 
 
@@ -113,7 +118,7 @@ def digests(stderr: str) -> list[str]:
 def saved_model(run_dir):
     import keras
 
-    import normtf.layers  # noqa: F401  (registers normtf's layers for loading)
+    import normtf.model_files  # noqa: F401  (registers normtf's layers for loading)
 
     return keras.saving.load_model(run_dir / "model.keras")
 

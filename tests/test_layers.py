@@ -1,4 +1,5 @@
-"""normtf.layers against the Keras layers they replace, on real MNIST activations."""
+"""normtf's layers (normtf.dropout, normtf.fused_norms, normtf.fused_blocks) against the Keras layers
+they replace, on real MNIST activations."""
 
 from unittest import mock
 
@@ -8,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from normtf import data
-from normtf import layers as ours
+from normtf import dropout, fused_norms
 from normtf.models import build_model, norm_layers
 from normtf.config import TrainConfig
 from normtf.norms import NORMS
@@ -16,15 +17,15 @@ from normtf.norms import EPS
 
 PAIRS = {  # name: (Keras's layer, ours), each made with the given dtype policy
     "batch": (lambda d: keras.layers.BatchNormalization(momentum=0.9, epsilon=EPS, dtype=d),
-              lambda d: ours.BatchNormalization(momentum=0.9, epsilon=EPS, dtype=d)),
+              lambda d: fused_norms.BatchNormalization(momentum=0.9, epsilon=EPS, dtype=d)),
     "group": (lambda d: keras.layers.GroupNormalization(groups=2, epsilon=EPS, dtype=d),
-              lambda d: ours.GroupNormalization(groups=2, epsilon=EPS, dtype=d)),
+              lambda d: fused_norms.GroupNormalization(groups=2, epsilon=EPS, dtype=d)),
     "layer-c": (lambda d: keras.layers.GroupNormalization(groups=1, epsilon=EPS, dtype=d),
-                lambda d: ours.GroupNormalization(groups=1, epsilon=EPS, dtype=d)),
+                lambda d: fused_norms.GroupNormalization(groups=1, epsilon=EPS, dtype=d)),
     "group-7": (lambda d: keras.layers.GroupNormalization(groups=7, epsilon=EPS, dtype=d),
-                lambda d: ours.GroupNormalization(groups=7, epsilon=EPS, dtype=d)),
+                lambda d: fused_norms.GroupNormalization(groups=7, epsilon=EPS, dtype=d)),
     "layer": (lambda d: keras.layers.LayerNormalization(axis=(1, 2, 3), epsilon=EPS, dtype=d),
-              lambda d: ours.LayerNormalization(axis=(1, 2, 3), epsilon=EPS, dtype=d)),
+              lambda d: fused_norms.LayerNormalization(axis=(1, 2, 3), epsilon=EPS, dtype=d)),
 }
 
 
@@ -88,7 +89,7 @@ def test_batch_norm_matches_float64_at_a_large_batch(jit, dataset):
     rng = np.random.default_rng(0)
     gamma, beta = rng.normal(1, 0.3, 14), rng.normal(0, 0.3, 14)
     upstream = rng.normal(size=x.shape).astype(np.float32)
-    layer = ours.BatchNormalization(momentum=0.0, epsilon=EPS)  # momentum 0: the moving statistics are the batch's
+    layer = fused_norms.BatchNormalization(momentum=0.0, epsilon=EPS)  # momentum 0: the moving statistics are the batch's
     y, dx, dgamma, dbeta, mean, variance = _run(layer, x, [gamma, beta], upstream, jit)
 
     x = np.asarray(x, np.float64)
@@ -143,7 +144,7 @@ def test_mixed_float16_keeps_float16_output_and_matches(name, activations):
 
 
 def test_dropout_drops_its_rate_and_keeps_the_mean(activations):
-    layer = ours.Dropout(0.1, seed=3)
+    layer = dropout.Dropout(0.1, seed=3)
     x = tf.ones((128, 24, 24, 28))
     y = layer(x, training=True).numpy()
     kept_scale = 2**32 / (2**32 - round(0.1 * 2**32))
@@ -155,7 +156,7 @@ def test_dropout_drops_its_rate_and_keeps_the_mean(activations):
 
 
 def _bits(seed, shape=(64, 24, 24, 28)):
-    return ours._random_bits(tf.constant(shape), tf.constant(seed, tf.int32)).numpy()
+    return dropout.random_bits(tf.constant(shape), tf.constant(seed, tf.int32)).numpy()
 
 
 def test_random_bits_are_uniform_in_every_byte():
@@ -203,7 +204,7 @@ def test_random_bits_of_seeds_differing_in_one_word_are_independent(other):
 def test_dropout_masks_of_successive_steps_are_independent():
     """A dropout layer draws new seed words each call, as Keras's does: consecutive masks of one
     layer are uncorrelated."""
-    layer = ours.Dropout(0.1, seed=3)
+    layer = dropout.Dropout(0.1, seed=3)
     x = tf.ones((64, 24, 24, 28))
     first, second = (layer(x, training=True).numpy() == 0 for _ in range(2))
     r = np.corrcoef(first.ravel(), second.ravel())[0, 1]
@@ -211,7 +212,7 @@ def test_dropout_masks_of_successive_steps_are_independent():
 
 
 def test_dropout_gradient_is_the_mask():
-    layer = ours.Dropout(0.3, seed=5)
+    layer = dropout.Dropout(0.3, seed=5)
     x = tf.constant(np.random.default_rng(1).normal(size=(16, 10, 10, 13)).astype("float32"))  # odd channels
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -224,7 +225,7 @@ def test_dropout_gradient_is_the_mask():
 
 def test_dropout_mask_is_set_by_the_seed_generator_state():
     """Training reseeds each dropout layer per epoch through its seed generator's state."""
-    a, b = ours.Dropout(0.1, seed=1), ours.Dropout(0.1, seed=2)
+    a, b = dropout.Dropout(0.1, seed=1), dropout.Dropout(0.1, seed=2)
     x = tf.ones((8, 6, 6, 12))
     assert not np.array_equal(a(x, training=True), b(x, training=True))
     for layer in (a, b):
@@ -234,7 +235,7 @@ def test_dropout_mask_is_set_by_the_seed_generator_state():
 
 def test_dropout_with_noise_shape_is_keras_dropout():
     x = tf.ones((4, 5, 5, 6))
-    y = ours.Dropout(0.5, noise_shape=(4, 1, 1, 6), seed=1)(x, training=True).numpy()
+    y = dropout.Dropout(0.5, noise_shape=(4, 1, 1, 6), seed=1)(x, training=True).numpy()
     assert (y == y[:, :1, :1, :]).all()  # one decision per (sample, channel)
 
 
@@ -340,7 +341,7 @@ def test_the_training_step_applies_each_relu_in_its_convolution(norm, dataset):
 @pytest.mark.parametrize("norm", [norm for norm, spec in NORMS.items()  # variants whose norm layer is one of ours
                                   if spec.make and hasattr(spec.make(TrainConfig(norm=norm)), "fused_call")])
 def test_the_models_fused_training_pass_is_its_layers_one_after_another(norm, dataset):
-    """normtf.layers.Sequential runs each ReLU -> norm -> Dropout as the norm layer's fused_call
+    """normtf.fused_blocks.Sequential runs each ReLU -> norm -> Dropout as the norm layer's fused_call
     (relu=True, dropout's key) in training: six times a call, and what comes out (the output,
     every gradient, batch norm's moving statistics, the next masks) is the layers' own, one after
     another (measured: to the bit, in float32 on this machine)."""
@@ -378,7 +379,7 @@ def test_the_fused_training_pass_under_xla_and_mixed_precision(norm, dataset):
 # XLA (the GPU configuration, rehearsed on CPU) and mixed precision. Each layer as the model makes
 # it: (name, factory taking a dtype policy).
 OURS = {
-    "dropout": lambda d: ours.Dropout(0.1, seed=3, dtype=d),
+    "dropout": lambda d: dropout.Dropout(0.1, seed=3, dtype=d),
     "batch": PAIRS["batch"][1],
     "group-2": PAIRS["group"][1],
     "group-1": PAIRS["layer-c"][1],
@@ -456,7 +457,7 @@ def _op_types(jit: bool, layer, x) -> set[str]:
 @pytest.mark.parametrize("name", ["batch", "group-2", "group-1", "layer"])
 def test_one_pass_sum_of_squares_except_under_xla(name, small_activations):
     """The fast path is taken where it can run: TensorFlow's one-pass euclidean-norm kernel without
-    XLA, square-then-sum (which XLA fuses) in a trace XLA compiles. Guards layers._compiled_by_xla."""
+    XLA, square-then-sum (which XLA fuses) in a trace XLA compiles. Guards xla.compiled_by_xla."""
     layer = OURS[name](None)
     layer.build(small_activations.shape)
     assert "EuclideanNorm" in _op_types(False, layer, small_activations)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from normtf import data
-from normtf import layers as ours
+from normtf import model_files as ours
 from normtf.config import TrainConfig
 from normtf.evaluation import evaluate_file, load_model
 from normtf.models import build_model
@@ -88,7 +88,7 @@ def test_an_older_file_naming_normtf_layers_still_evaluates_and_converts(dataset
     model(data.normalized(dataset.x_test[:64], dataset.mean, dataset.std), training=True)
     path = tmp_path / "old.keras"
     model.save(path)
-    assert ("normtf.layers", "GroupNormalization", "normtf>GroupNormalization") in _class_entries(path)
+    assert ("normtf.fused_norms", "GroupNormalization", "normtf>GroupNormalization") in _class_entries(path)
     evaluation = evaluate_file(path, dataset, test_size=500)
     idx = data.stratified_subset(dataset.y_test, 500)
     images = data.normalized(dataset.x_test[idx], dataset.mean, dataset.std)

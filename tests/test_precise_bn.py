@@ -9,7 +9,9 @@ from normtf import data, precise_bn
 from normtf.config import TrainConfig
 from normtf.errors import NormtfError, UsageError
 from normtf.evaluation import load_model
-from normtf.layers import BatchNormalization, Dropout, save_model
+from normtf.dropout import Dropout
+from normtf.fused_norms import BatchNormalization
+from normtf.model_files import save_model
 from normtf.models import build_model, norm_layers
 from normtf.norms import EPS
 from normtf.training import compile_model

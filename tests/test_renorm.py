@@ -10,7 +10,7 @@ import tensorflow as tf
 from normtf import renorm
 from normtf.config import TrainConfig
 from normtf.errors import Interrupted
-from normtf.layers import save_model
+from normtf.model_files import save_model
 from normtf.models import build_model, norm_layers
 from normtf.norms import EPS
 from normtf.training import train

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from normtf import wsconv
-from normtf.layers import save_model
+from normtf.model_files import save_model
 from normtf.models import build_model
 
 rng = np.random.default_rng(3)
