@@ -11,7 +11,7 @@ from normtf.errors import UsageError
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a run's numbers. Defaults are the reference recipe (REFERENCE.md)."""
+    """Everything that decides a run's numbers. Defaults are the reference recipe (docs/study.md)."""
 
     norm: str = "batch-l1"
     dataset: str = "mnist"  # a key of data.DATASETS

@@ -1,4 +1,4 @@
-"""The reference CNN of the study (REFERENCE.md), with its normalization chosen by name.
+"""The reference CNN of the study (docs/study.md), with its normalization chosen by name.
 
 Keras is imported inside the functions: checking a command's values reads BLOCKS (which group
 counts the model accepts) and must not wait for TensorFlow to start.
