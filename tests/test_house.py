@@ -1,5 +1,7 @@
-"""The repository stands on its own. Reads text only (no TensorFlow), so it is fast."""
+"""The repository stands on its own and its package's imports run downhill. Reads text only (no
+TensorFlow), so it is fast."""
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -27,3 +29,58 @@ def test_nothing_refers_to_files_outside_the_repository():
              for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
     assert not found, "cite docs/study.md for the study's facts: " + ", ".join(found)
 
+
+def imports(path: Path) -> set[str]:
+    """The normtf modules a file imports, at module level or inside a function, by module name."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "normtf"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "normtf":
+            # from normtf import data (a module) or from normtf.data import load (a name in a module)
+            found |= ({f"normtf.{alias.name}" for alias in node.names} if node.module == "normtf" else {node.module})
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path.name}: relative import; normtf names its modules in full")
+    return {name.removesuffix(".__init__") for name in found}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {f"normtf.{p.stem}" if p.stem != "__init__" else "normtf": p for p in PACKAGE.glob("*.py")}
+    return {name: imports(path) & set(modules) - {name} for name, path in modules.items()}
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of the graph (a list of modules, the first repeated at the end), or []."""
+    state = {}  # module -> "open" while its imports are walked, "done" after
+
+    def walk(node, path):
+        state[node] = "open"
+        for other in sorted(graph.get(node, ())):
+            if state.get(other) == "open":
+                return path[path.index(other):] + [other]
+            if other not in state and (found := walk(other, path + [other])):
+                return found
+        state[node] = "done"
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := walk(start, [start])):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_import_graph_sees_imports_inside_functions():
+    graph = import_graph()
+    assert "normtf.config" in graph["normtf.models"]  # at module level
+    assert {"normtf.study", "normtf.bench"} <= graph["normtf.cli"]  # inside the commands' functions
+    assert "normtf.torch_reference" in graph["normtf.bench"]  # `from normtf import torch_reference`
+
+
+def test_imports_run_downhill_no_module_imports_one_that_imports_it():
+    found = cycle(import_graph())
+    assert not found, "import cycle: " + " -> ".join(found)
