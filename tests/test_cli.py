@@ -286,6 +286,7 @@ def test_threads_sets_tensorflows_pools_and_is_recorded(tmp_path):
     assert result.exit_code == 2 and "--threads" in result.output
 
 
+@pytest.mark.slow
 def test_two_compares_side_by_side_then_one_that_draws_them_together(tmp_path, monkeypatch):
     """README: two `normtf --threads 1 compare ...` side by side (other variants, same directories)
     each draw their own runs, and a last `normtf compare` naming all of them reuses them and draws

@@ -1,9 +1,10 @@
-"""The repository stands on its own and its package's imports run downhill. Reads text only (no
-TensorFlow), so it is fast."""
+"""The repository stands on its own, its package's imports run downhill, and CI runs both tiers of
+tests. Reads text only (no TensorFlow), so it is fast."""
 
 import ast
 import os
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -84,3 +85,21 @@ def test_the_import_graph_sees_imports_inside_functions():
 def test_imports_run_downhill_no_module_imports_one_that_imports_it():
     found = cycle(import_graph())
     assert not found, "import cycle: " + " -> ".join(found)
+
+
+def test_ci_runs_the_readmes_tier_then_the_slow_one_and_a_tier_without_tests_is_no_failure():
+    """.ci/run ends with the fast tier (the README's test command) and the slow one (the command
+    docs/development.md gives); pytest's exit code 5, no test selected, lets CI go on, any other
+    failure stops it. Run with a stand-in for python that exits with each code."""
+    script = (ROOT / ".ci" / "run").read_text().splitlines()
+    tier = next(line for line in script if line.startswith("tier()"))
+    assert 'python -m pytest -q "$@"' in tier and script[-2:] == ["tier", "tier -m slow"]
+    assert "&& python -m pytest -q\n```" in (ROOT / "README.md").read_text()
+    assert "`python -m pytest -q -m slow`" in (ROOT / "docs" / "development.md").read_text()
+    for code in (0, 5, 1, 2):
+        fake = f"set -euo pipefail\npython() {{ echo \"$*\"; return {code}; }}\n{tier}\ntier\ntier -m slow\n"
+        ran = subprocess.run(["bash", "-c", fake], capture_output=True, text=True, timeout=60)
+        if code in (0, 5):
+            assert ran.returncode == 0 and ran.stdout == "-m pytest -q\n-m pytest -q -m slow\n", code
+        else:
+            assert ran.returncode != 0 and ran.stdout == "-m pytest -q\n", code

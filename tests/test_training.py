@@ -185,7 +185,8 @@ def test_sizes_larger_than_the_data_are_refused(dataset, tmp_path):
         train(TrainConfig(norm="batch", train_size=70000), tmp_path, dataset=dataset)
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", [norm if norm == "batch-l1" else pytest.param(norm, marks=pytest.mark.slow)
+                                  for norm in NORMS])  # the study's run in the fast tier
 def test_mixed_float16_step_runs_without_nans(norm, test_batch, dataset):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -198,6 +199,7 @@ def test_mixed_float16_step_runs_without_nans(norm, test_batch, dataset):
     assert all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.trainable_weights)
 
 
+@pytest.mark.slow
 def test_compare_resumes_an_interrupted_run_and_reuses_finished_ones(dataset, tmp_path):
     class StopInEpoch2(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
