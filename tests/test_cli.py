@@ -187,6 +187,7 @@ def test_train_and_sweep_exit_3_when_a_run_diverged(tmp_path, command):
     assert "failed:" in result.output and "1 of 1 runs failed" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
     monkeypatch.setattr(console, "width", 200)
     runs, img = tmp_path / "runs", tmp_path / "img"

@@ -297,6 +297,7 @@ def test_the_readme_sweep_paragraph_is_the_committed_sweep():
     assert f"batch 2 stays at {error('batch', 2, precise)['mean']:.2f}%" in paragraph
 
 
+@pytest.mark.slow
 def test_the_readmes_results_command_reuses_the_committed_runs(tmp_path, monkeypatch):
     """The command under the README's results table, on a copy of the committed runs: every run is
     reused (none retrains: the stored configs are what the command asks for) and the table it
