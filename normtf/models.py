@@ -1,19 +1,16 @@
-"""The reference CNN of the study (REFERENCE.md), with its normalization chosen by name.
+"""The reference CNN of the study (docs/study.md), with its normalization chosen by name.
 
-Keras is imported inside the functions: checking a command's values reads BLOCKS (which group
-counts the model accepts) and must not wait for TensorFlow to start.
+The blocks' shapes are config.BLOCKS, which the check of --groups reads without this module. Keras
+is imported inside the functions, so that importing this module does not start TensorFlow.
 """
 
 from __future__ import annotations
 
 import math
 
-from normtf.config import TrainConfig
+from normtf.config import BLOCKS, TrainConfig
 from normtf.norms import get_norm
 
-# (filters, kernel, padding) of the six normalized blocks; the 1x1 transition and
-# max-pool sit after block 2.
-BLOCKS = [(14, 3, "valid"), (28, 3, "valid"), (14, 3, "valid"), (12, 3, "valid"), (12, 3, "valid"), (12, 3, "same")]
 TRANSITION_FILTERS = 12
 NUM_CLASSES = 10
 

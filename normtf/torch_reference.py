@@ -1,4 +1,4 @@
-"""The reference study's PyTorch training loop (REFERENCE.md), as the yardstick for `normtf bench`.
+"""The reference study's PyTorch training loop (docs/study.md), as the yardstick for `normtf bench`.
 
 Same model, data, augmentation and optimizer as the study, on the same MNIST arrays normtf reads.
 One liberty: the rotation is done for the whole batch with affine_grid + grid_sample (nearest,
@@ -36,7 +36,7 @@ PARAMS = {"batch-l1": 9_910, "batch": 9_910, "layer": 66_974, "group": 9_910, "l
 
 
 def build(norm: str, dropout: float = 0.1) -> nn.Module:
-    """The REFERENCE.md table, channels-first; `size` is each block's output height and width."""
+    """The network table of docs/study.md, channels-first; `size` is each block's output height and width."""
     def block(cin, cout, size, padding=0):
         return [nn.Conv2d(cin, cout, 3, padding=padding, bias=False), nn.ReLU(),
                 NORMS[norm](cout, size), nn.Dropout(dropout)]

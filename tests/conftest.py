@@ -14,16 +14,22 @@ import pytest  # noqa: E402
 from normtf import data  # noqa: E402
 
 
-# Files that train models, longest first: pytest-xdist hands out whole files (--dist loadfile) in
-# collection order, so starting with the long ones keeps both workers busy to the end (longest
-# first), instead of one training file running alone after the other worker has finished.
-LONGEST_FIRST = ["test_distributed.py", "test_gpu_config.py", "test_training.py", "test_cli.py", "test_interrupt.py",
-                 "test_bench.py", "test_model_files.py", "test_results.py", "test_sweep.py", "test_evaluate.py",
-                 "test_explain.py", "test_fashion.py", "test_tensorboard.py", "test_bad_values.py"]
+# Files that train models, longest first in each tier (the fast one by default, the slow one with
+# `-m slow`; docs/development.md), by a --durations run of the whole suite: pytest-xdist hands out
+# whole files (--dist loadfile) in collection order, so starting with the long ones keeps both
+# workers busy to the end, instead of one training file running alone after the other has finished.
+LONGEST_FIRST = {
+    "fast": ["test_training.py", "test_cli.py", "test_fashion.py", "test_bench.py", "test_layers.py",
+             "test_gpu_config.py", "test_model_files.py", "test_data.py", "test_evaluate.py", "test_distributed.py",
+             "test_interrupt.py", "test_sweep.py", "test_explain.py", "test_tensorboard.py", "test_bad_values.py"],
+    "slow": ["test_distributed.py", "test_interrupt.py", "test_gpu_config.py", "test_model_files.py",
+             "test_sweep.py", "test_explain.py", "test_evaluate.py", "test_training.py", "test_cli.py"],
+}
 
 
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+def pytest_collection_modifyitems(config, items):
+    order = LONGEST_FIRST["slow" if config.getoption("markexpr") == "slow" else "fast"]
+    rank = {name: i for i, name in enumerate(order)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
 
 

@@ -81,6 +81,7 @@ def test_every_layer_of_ours_can_be_timed_against_keras_alone():
         "layers", *layers.OURS}
 
 
+@pytest.mark.slow  # each worker's measurement is tested above, in this process
 @pytest.mark.parametrize("against, what", [("keras-layers", "layers"), ("keras-Dropout", "Dropout")])
 def test_bench_against_keras_runs_as_the_readme_says(against, what, tmp_path, monkeypatch):
     """`normtf bench --against keras-layers` (README) and `--against keras-Dropout` through the

@@ -188,6 +188,7 @@ def test_train_and_sweep_exit_3_when_a_run_diverged(tmp_path, command):
     assert "failed:" in result.output and "1 of 1 runs failed" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_seeds_give_one_run_each_and_a_mean_with_spread(tmp_path, monkeypatch):
     monkeypatch.setattr(console, "width", 200)
     runs, img = tmp_path / "runs", tmp_path / "img"
@@ -287,6 +288,7 @@ def test_threads_sets_tensorflows_pools_and_is_recorded(tmp_path):
     assert result.exit_code == 2 and "--threads" in result.output
 
 
+@pytest.mark.slow
 def test_two_compares_side_by_side_then_one_that_draws_them_together(tmp_path, monkeypatch):
     """README: two `normtf --threads 1 compare ...` side by side (other variants, same directories)
     each draw their own runs, and a last `normtf compare` naming all of them reuses them and draws

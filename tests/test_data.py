@@ -155,7 +155,7 @@ def test_every_dataset_has_four_files_ten_classes_and_its_own_cache():
 
 
 def test_normalization_constants_are_computed_from_the_training_images(dataset, fashion):
-    # MNIST: exactly the reference's constants (REFERENCE.md), so committed runs keep their numbers.
+    # MNIST: exactly the reference's constants (docs/study.md), so committed runs keep their numbers.
     assert (dataset.mean, dataset.std) == (0.1307, 0.3081)
     # Fashion-MNIST: the published 0.2860 and 0.3530 (pixel mean and std of the training set on [0, 1]).
     assert (fashion.mean, fashion.std) == (0.286, 0.353)

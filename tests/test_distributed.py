@@ -34,6 +34,7 @@ def test_sync_bn_uses_the_global_batch_and_plain_bn_each_replicas_own():
     assert found["no_sync"]["max_output_difference"] > 1e-2
 
 
+@pytest.mark.slow
 def test_training_under_mirrored_strategy_runs_and_converges(tmp_path):
     found = run_scenario("train", tmp_path)
     assert found["replicas"] == 2 and len(found["test_losses"]) == 2
@@ -41,6 +42,7 @@ def test_training_under_mirrored_strategy_runs_and_converges(tmp_path):
     assert second < first and found["accuracy"] >= 0.6  # 4,000 images, 2 epochs; chance is 0.1
 
 
+@pytest.mark.slow
 def test_the_mirrored_sync_bn_command_as_documented_trains(tmp_path):
     """docs/how-it-works.md's `normtf train --norm batch --strategy mirrored --sync-bn`, typed as is
     (smaller): on this CPU-only machine, one replica; the run records the strategy and --sync-bn."""
@@ -132,6 +134,7 @@ def scenarios(tmp_path_factory):
     return [json.loads((tmp_path / f"w-{i}.out").read_text().strip().splitlines()[-1]) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_keras_multi_worker_fit_still_needs_the_workaround(scenarios):
     """keras-team/keras#20585 and tensorflow/tensorflow#72388: a plain Keras model's fit under two
     real workers fails. When this test fails, Keras is fixed: remove normtf.distribute.work_around_keras
@@ -144,6 +147,7 @@ def test_keras_multi_worker_fit_still_needs_the_workaround(scenarios):
     assert len(scenarios[0]["with_workaround"]) == 2
 
 
+@pytest.mark.slow
 def test_sync_bn_moving_statistics_on_two_workers_are_those_of_the_global_batch(scenarios):
     """One step of normtf's `batch --sync-bn` model on 2 workers (64 images each) against the same
     step in this process on all 128 images, and on the chief's 64 alone (what unsynchronized
@@ -180,6 +184,7 @@ def group_run(tmp_path_factory):
     return {"path": tmp_path, "codes": codes, "errors": errors, "seconds": time.monotonic() - started}
 
 
+@pytest.mark.slow
 def test_two_workers_train_group_norm_the_chief_alone_writes_the_run(group_run):
     tmp_path, errors = group_run["path"], group_run["errors"]
     assert group_run["codes"] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
@@ -196,6 +201,7 @@ def test_two_workers_train_group_norm_the_chief_alone_writes_the_run(group_run):
     assert digests(errors[0]) == digests(errors[1]) == [weights_digest(saved_model(run))]
 
 
+@pytest.mark.slow
 def test_two_workers_train_batch_norm_with_sync_bn_and_agree(tmp_path):
     """Both workers end with the same weights and batch-norm moving statistics (without --sync-bn
     each worker's moving statistics come from its own share of each batch, and differ)."""
@@ -211,6 +217,7 @@ def test_two_workers_train_batch_norm_with_sync_bn_and_agree(tmp_path):
     assert digests(errors[0]) == digests(errors[1]) == [weights_digest(model)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed", [1, 0])  # 0: the chief, which also hosts the coordination service
 def test_a_killed_worker_ends_the_other_with_one_line_and_both_resume(tmp_path, group_run, killed):
     """SIGKILL one worker after epoch 1: the other stops with one clear line within the heartbeat

@@ -90,6 +90,7 @@ def test_a_seeds_parent_directory_lists_its_runs(tmp_path):
     assert "seed-42/, seed-43/, seed-100/" in text and f"normtf evaluate {parent / 'seed-42'}" in text
 
 
+@pytest.mark.slow
 def test_precise_bn_recomputes_batch_norm_statistics_of_a_committed_run(tmp_path):
     """--precise-bn: the run's own training images at its batch size give every batch-norm layer
     new statistics (the accuracy moves); a model without batch norm is unchanged and says so; a
@@ -116,5 +117,21 @@ def test_precise_bn_recomputes_batch_norm_statistics_of_a_committed_run(tmp_path
     assert plain.correct == precise.correct and "no batch-norm layer" in said[0]
 
     (tmp_path / "model.keras").write_bytes((run_dir / "model.keras").read_bytes())
+    result = run("evaluate", tmp_path / "model.keras", "--precise-bn")
+    assert result.exit_code == 1 and "needs the run's config.json" in " ".join(result.output.split())
+
+
+def test_precise_bn_through_the_command_on_a_small_run(tmp_path):
+    """The test above's command on a run of 512 images (its statistics recomputed over those 512, not
+    a committed run's 60,000): the numbers with precise statistics printed, and a file outside its
+    run directory refused."""
+    runs = tmp_path / "runs"
+    trained = run("train", "--norm", "batch", "--epochs", "1", "--train-size", "512", "--test-size", "200",
+                  "--runs-dir", runs)
+    assert trained.exit_code == 0, trained.output
+    result = run("evaluate", runs / "batch", "--precise-bn", "--test-size", "200")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "with precise batch-norm statistics: test loss" in text, text
+    (tmp_path / "model.keras").write_bytes((runs / "batch" / "model.keras").read_bytes())
     result = run("evaluate", tmp_path / "model.keras", "--precise-bn")
     assert result.exit_code == 1 and "needs the run's config.json" in " ".join(result.output.split())

@@ -50,6 +50,7 @@ def test_small_parts_are_held_to_a_tight_tolerance():
     assert find_statistics_sets(x, per_channel_output(x, 0.05))[1] == 0
 
 
+@pytest.mark.slow
 def test_batch_norm_on_the_whole_test_set_has_one_mean_per_channel(dataset):
     assert len(dataset.y_test) == 10_000  # the largest batch `explain` accepts
     reports = explain_test_batch(TrainConfig(norm="batch"), dataset, 10_000)

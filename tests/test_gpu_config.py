@@ -43,8 +43,10 @@ class Steps(keras.callbacks.Callback):
         self.seen.append((batch, float(logs["loss"])))
 
 
-# group: through the command line, below (test_the_documented_command_trains_and_after_sigkill_resumes_...)
-@pytest.mark.parametrize("norm", [norm for norm in NORMS if norm != "group"])
+# group: through the command line, below (test_the_documented_command_trains_and_after_sigkill_resumes_...).
+# The study's run in the fast tier; the other variants, each an XLA compilation, in the slow one.
+@pytest.mark.parametrize("norm", [norm if norm == "batch-l1" else pytest.param(norm, marks=pytest.mark.slow)
+                                  for norm in NORMS if norm != "group"])
 def test_every_variant_trains_and_evaluates_in_the_gpu_configuration(norm, tmp_path, dataset):
     steps = Steps()
     result = train(TrainConfig(norm=norm, epochs=2, **GPU), tmp_path, dataset=dataset, callbacks=[steps])
@@ -68,8 +70,17 @@ def test_every_variant_trains_and_evaluates_in_the_gpu_configuration(norm, tmp_p
     assert np.isfinite(result.metrics["final_test_loss"])
 
 
+@pytest.mark.slow
 def test_the_non_finite_loss_check_sees_a_divergence_at_a_call_boundary(tmp_path, dataset):
     result = train(TrainConfig(norm="batch", epochs=1, lr=1e12, **GPU), tmp_path, dataset=dataset)
+    assert result.metrics["status"] == "failed"
+    assert result.metrics["failure"]["step"] % STEPS == 0  # "by step 4": within the first call
+
+
+def test_the_non_finite_loss_check_sees_a_divergence_at_a_call_boundary_without_xla(tmp_path, dataset):
+    """The test above's contract without its XLA compilation: several steps a call in float32."""
+    result = train(TrainConfig(norm="batch", epochs=1, lr=1e12, **{**GPU, "jit": "off", "precision": "float32"}),
+                   tmp_path, dataset=dataset)
     assert result.metrics["status"] == "failed"
     assert result.metrics["failure"]["step"] % STEPS == 0  # "by step 4": within the first call
 
@@ -94,6 +105,7 @@ def test_an_op_xla_cannot_compile_is_one_line_naming_it(tmp_path, dataset, monke
     assert "EuclideanNorm" in message and "--jit off" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_the_documented_command_trains_and_after_sigkill_resumes_with_every_epoch_once(tmp_path):
     """docs/how-it-works.md's GPU command, as typed (plus --runs-dir), in its own process: the flags
     above on 2,048 images (32 steps an epoch: time to kill it in epoch 2), killed with SIGKILL after

@@ -44,6 +44,7 @@ def weights(run: RunDir):
     return [np.asarray(w) for w in load_model(run.model).get_weights()]
 
 
+@pytest.mark.slow
 def test_sigkill_during_epoch_2_then_rerun_gives_every_epoch_once_and_the_same_model(tmp_path, dataset):
     run = RunDir(tmp_path / "killed" / "group")
     process = start(tmp_path / "killed")
@@ -70,6 +71,7 @@ def test_sigkill_during_epoch_2_then_rerun_gives_every_epoch_once_and_the_same_m
 
 
 # Ctrl-C as the README's quick start meets it (`normtf compare`), SIGTERM as a job scheduler sends it.
+@pytest.mark.slow
 @pytest.mark.parametrize("command, signum", [("compare", signal.SIGINT), ("train", signal.SIGTERM)])
 def test_sigint_and_sigterm_keep_finished_epochs_and_say_how_to_resume(tmp_path, command, signum):
     run = RunDir(tmp_path / "group")
@@ -91,6 +93,7 @@ def test_sigint_and_sigterm_keep_finished_epochs_and_say_how_to_resume(tmp_path,
         assert (tmp_path / "img" / "loss_accuracy.png").exists()
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_is_refused_with_the_holders_pid(tmp_path):
     run = RunDir(tmp_path / "group")
     longer = [*ARGS, "--epochs", "10"]  # still training when the second process, starting TensorFlow, gets there
@@ -102,3 +105,32 @@ def test_a_second_process_on_the_same_run_is_refused_with_the_holders_pid(tmp_pa
     first.wait()
     assert second.returncode == 1
     assert f"another normtf process (pid {first.pid}) is training into" in " ".join(err.split())
+
+
+def test_sigterm_in_epoch_2_exits_130_keeps_epoch_1_and_the_same_command_finishes(tmp_path, monkeypatch):
+    """The slow tests' contract, cheaply: `normtf train` in this process, sent SIGTERM as epoch 2
+    begins (by the progress bar the command adds to every run), exits 130 with the line saying
+    how to resume and epoch 1 kept; the same command again trains epoch 2 alone."""
+    from typer.testing import CliRunner
+
+    from normtf import progress
+    from normtf.cli import app
+
+    class TermInEpoch2(progress.EpochProgress):
+        def on_epoch_begin(self, epoch, logs=None):
+            super().on_epoch_begin(epoch, logs)
+            if epoch == 1:
+                signal.raise_signal(signal.SIGTERM)
+
+    command = ["train", "--norm", "group", "--epochs", "2", "--train-size", "512", "--test-size", "200",
+               "--runs-dir", str(tmp_path)]
+    run = RunDir(tmp_path / "group")
+    with monkeypatch.context() as patch:
+        patch.setattr(progress, "EpochProgress", TermInEpoch2)
+        result = CliRunner().invoke(app, command)
+    assert result.exit_code == 130, result.output
+    assert "run the same command again to resume" in result.output and "Traceback" not in result.output
+    assert [r["epoch"] for r in run.read_history()] == [1] and not run.metrics.exists()
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in run.read_history()] == [1, 2] and run.read_metrics()["status"] == "finished"

@@ -53,13 +53,14 @@ def trained(dataset, tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_every_variant_loads_without_normtf_and_predicts_what_normtf_does(trained, dataset, tmp_path):
     images = data.normalized(dataset.x_test[:200], dataset.mean, dataset.std)
     np.save(tmp_path / "images.npy", images)
     out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_NORMTF, tmp_path / "images.npy", *trained.values()],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.count("['keras']") == len(NORMS), out.stdout  # every layer one of Keras's own
+    assert out.stdout.count("['keras']") == len(trained), out.stdout  # every layer one of Keras's own
     for norm, path in trained.items():
         theirs = np.load(f"{path}.predictions.npy")
         mine = load_model(path).predict(images, verbose=0)
@@ -67,6 +68,7 @@ def test_every_variant_loads_without_normtf_and_predicts_what_normtf_does(traine
         assert (theirs.argmax(axis=1) == mine.argmax(axis=1)).all(), norm
 
 
+@pytest.mark.slow
 def test_saved_files_name_keras_classes_and_normtf_loads_its_own(trained):
     for norm, path in trained.items():
         entries = _class_entries(path)
@@ -108,6 +110,7 @@ def test_an_older_file_naming_normtf_layers_still_evaluates_and_converts(dataset
     assert evaluate_file(path, dataset, test_size=500).correct == evaluation.correct
 
 
+@pytest.mark.slow
 def test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset):
     """Saving names Keras's classes; loading in normtf swaps ours back: the same model as trained,
     so `normtf evaluate` reproduces training's counts exactly."""
@@ -127,7 +130,23 @@ def test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset):
         np.testing.assert_array_equal(mine.predict(images, verbose=0), reference.predict(images, verbose=0))
 
 
-@pytest.mark.parametrize("norm", list(NORMS))
+def test_the_studys_variant_trained_a_step_loads_anywhere_and_back_bit_for_bit(dataset, tmp_path):
+    """The fast tier's test of this file's contracts, which the slow tier checks on every variant:
+    batch-l1 (the study's run, with batch norm's moving statistics) trained one step, as `normtf
+    train` writes it, loads without normtf and predicts the same, names Keras's classes, and loads
+    back in normtf as the model training built."""
+    config = TrainConfig(norm="batch-l1", epochs=1, train_size=64, test_size=100, batch_size=64, lr=0.05)
+    result = train(config, tmp_path / "runs", dataset=dataset)
+    assert result.metrics["status"] == "finished"
+    trained = {"batch-l1": result.run.model}
+    test_every_variant_loads_without_normtf_and_predicts_what_normtf_does(trained, dataset, tmp_path)
+    test_saved_files_name_keras_classes_and_normtf_loads_its_own(trained)
+    test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset)
+
+
+# One variant of each norm class in the fast tier; batch-l1 and layer-c (the same classes) in the slow one.
+@pytest.mark.parametrize("norm", [pytest.param(norm, marks=pytest.mark.slow) if norm in ("batch-l1", "layer-c") else norm
+                                  for norm in NORMS])
 def test_with_keras_layers_is_the_model_in_keras_classes(norm, dataset):
     """What `normtf bench --against keras-layers` times: every layer of normtf's replaced by the
     Keras layer it subclasses, with the same config and weights, so the same predictions (to

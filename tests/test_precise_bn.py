@@ -121,6 +121,7 @@ def test_bad_batch_sizes_are_one_line_errors():
         precise_bn.precise_statistics(small_model(), images, 4)
 
 
+@pytest.mark.slow
 def test_trained_model_evaluates_well_with_precise_statistics(tmp_path):
     """build_model("batch") trained 60 steps, saved and loaded as `normtf evaluate` loads it, its
     moving statistics then set to garbage: precise statistics from 2,048 training images bring

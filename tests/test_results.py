@@ -228,10 +228,13 @@ def test_fashion_runs_are_their_recipe_on_full_fashion_mnist(path):
 
 # Every seed-42 model of every table re-evaluates to its stored result; seeds 43 and 44 are
 # checked by their files as above (all 38 took about 250 s of the two cores' time: a tenth of the suite's).
+# The fast tier re-evaluates the study's run (batch-l1, reference); the slow tier every other one.
 REEVALUATED = [path for path in [*(REFERENCE / norm / SEED for norm in RUNS), *TUNED, *FASHION] if path.name == SEED]
+STUDYS_RUN = REFERENCE / "batch-l1" / SEED
 
 
-@pytest.mark.parametrize("path", REEVALUATED, ids=lambda p: str(p.relative_to(ROOT / "results")))
+@pytest.mark.parametrize("path", [path if path == STUDYS_RUN else pytest.param(path, marks=pytest.mark.slow)
+                                  for path in REEVALUATED], ids=lambda p: str(p.relative_to(ROOT / "results")))
 def test_committed_seed_42_models_re_evaluate_to_their_metrics(path, dataset, fashion):
     run = RunDir(path)
     metrics = run.read_metrics()
@@ -295,6 +298,7 @@ def test_the_readme_sweep_paragraph_is_the_committed_sweep():
     assert f"batch 2 stays at {error('batch', 2, precise)['mean']:.2f}%" in paragraph
 
 
+@pytest.mark.slow
 def test_the_readmes_results_command_reuses_the_committed_runs(tmp_path, monkeypatch):
     """The command under the README's results table, on a copy of the committed runs: every run is
     reused (none retrains: the stored configs are what the command asks for) and the table it

@@ -41,7 +41,8 @@ class Trains(keras.callbacks.Callback):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """Batch and group norm at batch 16 and 64, seeds 42 and 43, on a tiny budget."""
+    """Batch and group norm at batch 16 and 64, seeds 42 and 43, on a tiny budget: eight runs, for
+    the slow tier (the fast one sweeps less, test_a_small_sweep_through_the_command_...)."""
     tmp = tmp_path_factory.mktemp("sweep")
     summary = run_sweep(["batch", "group"], [16, 64], BASE, True, tmp / "runs", tmp / "sweep.json", SEEDS)
     return tmp, summary
@@ -62,6 +63,7 @@ def test_learning_rate_scales_linearly_with_batch_size():
         (5, 2, "batch"), (5, 2, "group"), (5, 8, "batch"), (5, 8, "group")]
 
 
+@pytest.mark.slow
 def test_a_row_per_seed_in_seed_directories_and_the_summary_is_numpys(swept):
     tmp, summary = swept
     assert json.loads((tmp / "sweep.json").read_text()) == summary
@@ -89,6 +91,7 @@ def test_a_row_per_seed_in_seed_directories_and_the_summary_is_numpys(swept):
                                                 "min": errors.min(), "max": errors.max()}, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_batch_norm_rows_carry_the_error_with_precise_statistics(swept, dataset):
     _, summary = swept
     for row in summary["rows"]:
@@ -114,6 +117,7 @@ def test_batch_norm_rows_carry_the_error_with_precise_statistics(swept, dataset)
     assert 100 * (1 - recomputed.accuracy) == pytest.approx(row["test_error_percent_precise_bn"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_every_run_and_a_one_seed_sweeps_run_where_it_is(swept):
     tmp, summary = swept
     models = sorted((tmp / "runs").rglob("model.keras"))
@@ -139,6 +143,7 @@ def drawn_axes(lines, title, legend_title=None):
     return figure, figure.axes[0]
 
 
+@pytest.mark.slow
 def test_the_figure_draws_a_band_per_variant_and_a_dashed_precise_line(swept, tmp_path):
     tmp, summary = swept
     lines = sweep_lines(summary)
@@ -190,6 +195,7 @@ def table_text(summary, width=120) -> list[str]:
     return console.export_text().splitlines()
 
 
+@pytest.mark.slow
 def test_the_table_has_mean_std_and_each_seed_and_a_precise_column(swept):
     _, summary = swept
     lines = table_text(summary)
@@ -217,6 +223,7 @@ def test_the_table_title_counts_epochs_in_words_that_read_and_marks_failed_seeds
         assert phrase in text and "3.50 failed" in text and "3.00 failed" in text
 
 
+@pytest.mark.slow
 def test_seeds_through_the_command(swept):
     tmp, summary = swept
     out, img = tmp / "cli.json", tmp / "img"
@@ -239,3 +246,31 @@ def test_the_committed_sweeps_table_fits_80_columns():
     lines = table_text(summary, width=80)
     assert max(map(len, lines)) <= 80 and "…" not in "".join(lines)
     assert "10.35 ± 1.78" in "".join(lines) and "9.54 9.12 12.39" in "".join(lines)  # a seed's values on one line
+
+
+def test_a_small_sweep_through_the_command_has_a_row_per_seed_and_a_rerun_reuses_them(tmp_path):
+    """The fast tier's sweep, two runs: batch norm at batch 64, seeds 42 and 43, as a user types it.
+    A row per seed in seed directories, the summary NumPy's mean and spread, the error with precise
+    statistics, the table and the figure; the same command again trains nothing and writes the same."""
+    runs, img, out = tmp_path / "runs", tmp_path / "img", tmp_path / "sweep.json"
+    command = ["sweep", "--norm", "batch", "--batch-sizes", "64", "--seeds", "2", *TINY, "--runs-dir", str(runs),
+               "--img-dir", str(img), "--out", str(out)]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    summary = json.loads(out.read_text())
+    assert [(r["norm"], r["batch_size"], r["seed"]) for r in summary["rows"]] == [("batch", 64, 42), ("batch", 64, 43)]
+    for row in summary["rows"]:
+        assert (runs / "batch-64" / "batch" / f"seed-{row['seed']}" / "model.keras").is_file()
+        assert math.isfinite(row["test_error_percent_precise_bn"])
+    [point] = summary["summary"]
+    for key in ["test_error_percent", "test_error_percent_precise_bn"]:
+        errors = np.array([r[key] for r in summary["rows"]])
+        assert point[key] == pytest.approx({"mean": errors.mean(), "std": errors.std(ddof=1), "min": errors.min(),
+                                            "max": errors.max()}, abs=1e-12)
+    assert "±" in result.output and "precise BN" in result.output and (img / "batch_size_sweep.png").is_file()
+
+    models = {path: path.stat().st_mtime_ns for path in runs.rglob("model.keras")}
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert {path: path.stat().st_mtime_ns for path in runs.rglob("model.keras")} == models
+    assert json.loads(out.read_text()) == summary
