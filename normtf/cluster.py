@@ -1,4 +1,4 @@
-"""A grid's runs as tasks on a Ray cluster (`--cluster ADDRESS`; normtf.grid decides which runs).
+"""A grid's runs as tasks on a Ray cluster (`--cluster ADDRESS`; normtf.grid hands them over).
 
 Ray because ML grids already run on it (Ray Tune's), it starts each task in a worker process of its
 own (max_calls=1: TensorFlow's thread pools, seed and precision policy are per run), and it
@@ -24,7 +24,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from normtf import grid
+from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed
 from normtf.errors import Interrupted, NormtfError, RunLocked, UsageError
 from normtf.files import atomic_write
 from normtf.training import TrainResult
@@ -43,8 +43,8 @@ def _ray(address: str):
     return ray
 
 
-def run(jobs: list[grid.Job], todo: list[int], results: list, address: str, workers: int | None,
-        options: grid.Options, display, warn) -> list:
+def run(jobs: list[Job], todo: list[int], results: list, address: str, workers: int | None,
+        options: Options, display, warn) -> list:
     """Train jobs[i] for i in todo on the Ray cluster at `address` ("local": a throwaway Ray on this
     machine); fill `results` in place and return it. workers: at most that many tasks at once
     (None: as many as the cluster schedules)."""
@@ -65,7 +65,7 @@ def run(jobs: list[grid.Job], todo: list[int], results: list, address: str, work
             atomic_write(Path(directory) / TOKEN, tokens[directory])
         threads = options.threads or 1
         gpus = ray.cluster_resources().get("GPU", 0)
-        task = ray.remote(num_cpus=threads, num_gpus=1 / grid.RUNS_PER_GPU if gpus else 0, max_calls=1,
+        task = ray.remote(num_cpus=threads, num_gpus=1 / RUNS_PER_GPU if gpus else 0, max_calls=1,
                           max_retries=1, retry_exceptions=False)(_task)
         events = Queue()
         where = f" on the Ray cluster at {address}" if address != "local" else " on a local Ray"
@@ -155,10 +155,10 @@ class _Driver:
         elif kind == "files":
             result = _write_back(job, *value)
         elif kind == "locked":
-            result = grid.busy(job, value[0])
+            result = busy(job, value[0])
         elif kind == "error":
             self.warn(f"{job.label}: {value[0]}")
-            result = grid.failed(job, value[0])
+            result = failed(job, value[0])
         self.results[index] = result
         if self.display:
             self.display.finished(index, job.label, result)
@@ -173,7 +173,7 @@ def _outcome(result) -> tuple:
     return result.config, result.history, result.metrics
 
 
-def _write_back(job: grid.Job, result, files: dict[str, bytes]):
+def _write_back(job: Job, result, files: dict[str, bytes]):
     """A run trained where the driver's disk is not: its files, written into the driver's run directory."""
     run = job.run
     with run.locked():
@@ -182,7 +182,7 @@ def _write_back(job: grid.Job, result, files: dict[str, bytes]):
     return TrainResult(run, *_outcome(result))
 
 
-def _task(index: int, job: grid.Job, options: grid.Options, threads: int, token: tuple[str, str], events):
+def _task(index: int, job: Job, options: Options, threads: int, token: tuple[str, str], events):
     """One run, in a Ray worker process of its own: ("result", TrainResult) when it trained in the
     driver's runs directory, ("files", TrainResult, {name: bytes}) when it could not see it,
     ("locked", message) or ("error", message)."""

@@ -17,7 +17,6 @@ failed and the others go on; Ctrl-C stops every job and the same command resumes
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import multiprocessing
 import os
@@ -26,48 +25,13 @@ import signal
 import traceback
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 from normtf import data
-from normtf.config import MAX_JOBS, TrainConfig
 from normtf.errors import Interrupted, NormtfError, RunLocked
+from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed
 from normtf.norms import relevant
-from normtf.runs import RunDir
 
-RUNS_PER_GPU = 4  # small models share a GPU (memory growth on); not measured: no GPU has run normtf
 JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One run of a grid: its settings, where it goes, and what the display calls it."""
-    config: TrainConfig
-    runs_dir: Path
-    per_seed: bool
-    label: str
-
-    @property
-    def run(self) -> RunDir:
-        return RunDir.for_config(self.runs_dir, self.config, self.per_seed)
-
-
-@dataclass(frozen=True)
-class Options:
-    """How every run of a grid trains (the same for all, so it crosses to a worker once). threads
-    and verbose are `normtf --threads` and `--verbose` (normtf.quiet), which the CLI sets; threads
-    None shares the cores out among the jobs."""
-    force: bool = False
-    tensorboard: bool = False
-    data_dir: Path | None = None
-    threads: int | None = dataclasses.field(default_factory=lambda: _quiet().threads)
-    verbose: bool = dataclasses.field(default_factory=lambda: _quiet().verbose)
-
-
-def _quiet():
-    from normtf import quiet
-
-    return quiet
 
 
 def cores() -> int:
@@ -110,28 +74,6 @@ def plan(requested: int | None, runs: int, threads: int | None = None, gpus: int
 
 def threads_per_job(jobs: int, threads: int | None) -> int:
     return threads or max(1, cores() // jobs)
-
-
-def failed(job: Job, reason: str):
-    """The result of a run that ended without a result of its own (its process died, an error):
-    marked failed for the summary; its finished epochs stay on disk for the next command to resume."""
-    from normtf.training import TrainResult
-
-    run = job.run
-    try:
-        history = run.read_history()
-    except NormtfError:
-        history = []
-    return TrainResult(run, relevant(job.config), history, {"status": "failed", "norm": job.config.norm,
-                                                            "failure": {"reason": reason}})
-
-
-def busy(job: Job, reason: str):
-    """The result of a run another normtf process holds: it is that process's to train."""
-    from normtf.training import TrainResult
-
-    return TrainResult(job.run, relevant(job.config), [], {"status": "busy", "norm": job.config.norm,
-                                                           "reason": reason})
 
 
 def run(jobs: list[Job], workers: int | None = 1, cluster: str | None = None, options: Options = Options(),

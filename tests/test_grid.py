@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from normtf import grid
+from normtf.job import RUNS_PER_GPU
 from normtf.cli import app
 from normtf.runs import RunDir
 
@@ -69,8 +70,8 @@ def test_auto_leaves_room_in_memory_and_shares_gpus(monkeypatch):
     monkeypatch.setattr(grid, "available_memory", lambda: 6 * grid.JOB_MEMORY + 1)
     assert grid.plan(None, runs=63) == 6
     monkeypatch.setattr(grid, "available_memory", lambda: None)
-    assert grid.plan(None, runs=63, gpus=1) == grid.RUNS_PER_GPU
-    assert grid.plan(None, runs=63, gpus=2) == 2 * grid.RUNS_PER_GPU
+    assert grid.plan(None, runs=63, gpus=1) == RUNS_PER_GPU
+    assert grid.plan(None, runs=63, gpus=2) == 2 * RUNS_PER_GPU
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,70 @@
+"""One run of a grid, as the local pool (normtf.grid) and a Ray cluster (normtf.cluster) both take
+it: its settings and where it goes (Job), how every run of the grid trains (Options), and the result
+of a run that ended without one of its own (failed: its process died; busy: another normtf process
+holds it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from normtf.config import TrainConfig
+from normtf.errors import NormtfError
+from normtf.norms import relevant
+from normtf.runs import RunDir
+
+RUNS_PER_GPU = 4  # small models share a GPU (memory growth on); not measured: no GPU has run normtf
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a grid: its settings, where it goes, and what the display calls it."""
+    config: TrainConfig
+    runs_dir: Path
+    per_seed: bool
+    label: str
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir.for_config(self.runs_dir, self.config, self.per_seed)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How every run of a grid trains (the same for all, so it crosses to a worker once). threads
+    and verbose are `normtf --threads` and `--verbose` (normtf.quiet), which the CLI sets; threads
+    None shares the cores out among the jobs."""
+    force: bool = False
+    tensorboard: bool = False
+    data_dir: Path | None = None
+    threads: int | None = dataclasses.field(default_factory=lambda: _quiet().threads)
+    verbose: bool = dataclasses.field(default_factory=lambda: _quiet().verbose)
+
+
+def _quiet():
+    from normtf import quiet
+
+    return quiet
+
+
+def failed(job: Job, reason: str):
+    """The result of a run that ended without a result of its own (its process died, an error):
+    marked failed for the summary; its finished epochs stay on disk for the next command to resume."""
+    from normtf.training import TrainResult
+
+    run = job.run
+    try:
+        history = run.read_history()
+    except NormtfError:
+        history = []
+    return TrainResult(run, relevant(job.config), history, {"status": "failed", "norm": job.config.norm,
+                                                            "failure": {"reason": reason}})
+
+
+def busy(job: Job, reason: str):
+    """The result of a run another normtf process holds: it is that process's to train."""
+    from normtf.training import TrainResult
+
+    return TrainResult(job.run, relevant(job.config), [], {"status": "busy", "norm": job.config.norm,
+                                                           "reason": reason})
