@@ -19,10 +19,11 @@ from normtf import data  # noqa: E402
 # whole files (--dist loadfile) in collection order, so starting with the long ones keeps both
 # workers busy to the end, instead of one training file running alone after the other has finished.
 LONGEST_FIRST = {
-    "fast": ["test_training.py", "test_cli.py", "test_fashion.py", "test_bench.py", "test_layers.py",
+    "fast": ["test_training.py", "test_cli.py", "test_quartet.py", "test_fashion.py", "test_evaluate_run.py",
+             "test_grid.py", "test_bench.py", "test_layers.py",
              "test_gpu_config.py", "test_model_files.py", "test_data.py", "test_evaluate.py", "test_distributed.py",
              "test_interrupt.py", "test_sweep.py", "test_explain.py", "test_tensorboard.py", "test_bad_values.py"],
-    "slow": ["test_distributed.py", "test_interrupt.py", "test_gpu_config.py", "test_model_files.py",
+    "slow": ["test_distributed.py", "test_cluster.py", "test_grid.py", "test_two_worker_reruns.py", "test_interrupt.py", "test_gpu_config.py", "test_model_files.py",
              "test_sweep.py", "test_explain.py", "test_evaluate.py", "test_training.py", "test_cli.py"],
 }
 
