@@ -16,6 +16,7 @@ run failed and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -64,6 +65,8 @@ def run(jobs: list[Job], todo: list[int], results: list, address: str, workers: 
             tokens[directory] = secrets.token_hex(8)
             atomic_write(Path(directory) / TOKEN, tokens[directory])
         threads = options.threads or 1
+        if options.data_dir is not None:  # as the driver sees it, like the runs directories
+            options = dataclasses.replace(options, data_dir=Path(options.data_dir).resolve())
         gpus = ray.cluster_resources().get("GPU", 0)
         task = ray.remote(num_cpus=threads, num_gpus=1 / RUNS_PER_GPU if gpus else 0, max_calls=1,
                           max_retries=1, retry_exceptions=False)(_task)
@@ -126,8 +129,10 @@ class _Driver:
         while self.pending and not self.stopping and (self.workers is None or len(self.running) < self.workers):
             index = self.pending.pop(0)
             job = self.jobs[index]
-            token = (str(Path(job.runs_dir).resolve() / TOKEN), self.tokens[job.runs_dir])
-            self.running[self.task.remote(index, job, self.options, self.threads, token, self.events)] = index
+            # The path as the driver sees it: a worker's working directory is not the driver's.
+            there = dataclasses.replace(job, runs_dir=Path(job.runs_dir).resolve())
+            token = (str(there.runs_dir / TOKEN), self.tokens[job.runs_dir])
+            self.running[self.task.remote(index, there, self.options, self.threads, token, self.events)] = index
 
     def _drain(self):
         while not self.events.empty():
@@ -197,7 +202,7 @@ def _task(index: int, job: Job, options: Options, threads: int, token: tuple[str
     pid = os.getpid()
     path, secret = token
     shared = Path(path).is_file() and Path(path).read_text() == secret
-    runs_dir = Path(job.runs_dir).resolve() if shared else Path(tempfile.mkdtemp(prefix="normtf-run-"))
+    runs_dir = job.runs_dir if shared else Path(tempfile.mkdtemp(prefix="normtf-run-"))
     events.put(("begin", pid, index, threads))
     try:
         result = train(job.config, runs_dir, dataset=lambda: data.load(job.config.dataset, options.data_dir),

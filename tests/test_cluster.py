@@ -62,9 +62,9 @@ def head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def normtf(*args):
+def normtf(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "normtf", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, cwd=cwd)
 
 
 def same_run(a: RunDir, b: RunDir) -> None:
@@ -77,8 +77,10 @@ def same_run(a: RunDir, b: RunDir) -> None:
 @pytest.mark.slow
 def test_compare_on_a_ray_cluster_gives_the_local_pools_numbers(head, tmp_path):
     norms = ["--norm", "group", "--norm", "batch"]
-    on_ray = normtf("compare", *norms, *TINY, "--cluster", head, "--runs-dir", tmp_path / "ray",
-                    "--img-dir", tmp_path / "ray" / "img")
+    # A relative --runs-dir, as the README's commands give it: the Ray workers' working directory
+    # is not the driver's, and the runs must land in the driver's.
+    on_ray = normtf("compare", *norms, *TINY, "--cluster", head, "--runs-dir", "ray", "--img-dir", "ray/img",
+                    cwd=tmp_path)
     assert on_ray.returncode == 0, on_ray.stderr
     assert f"training 2 runs, 2 at a time on the Ray cluster at {head}, 1 thread each" in on_ray.stdout
     assert (tmp_path / "ray" / "img" / "loss_accuracy.png").is_file()
@@ -88,8 +90,8 @@ def test_compare_on_a_ray_cluster_gives_the_local_pools_numbers(head, tmp_path):
     assert local.returncode == 0, local.stderr
     for norm in ("group", "batch"):
         same_run(RunDir(tmp_path / "ray" / norm), RunDir(tmp_path / "local" / norm))
-    again = normtf("compare", *norms, *TINY, "--cluster", head, "--runs-dir", tmp_path / "ray",
-                   "--img-dir", tmp_path / "ray" / "img")
+    again = normtf("compare", *norms, *TINY, "--cluster", head, "--runs-dir", "ray", "--img-dir", "ray/img",
+                   cwd=tmp_path)
     assert again.returncode == 0 and "training" not in again.stdout  # finished runs are reused, no task sent
 
 
