@@ -91,8 +91,8 @@ def test_train_compare_gallery_write_their_files(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "reused" in result.output and "66,974" in result.output
     assert (img / "loss_accuracy.png").stat().st_size > 20_000
-    variants = ["batch-l1", "batch", "layer", "group", "layer-c"]  # files named after the variant
-    assert sorted(p.name for p in img.glob("misclassified_*.png")) == sorted(f"misclassified_{x}.png" for x in variants)
+    # Files named after the variant, one for each of --all's: every variant in the table.
+    assert sorted(p.name for p in img.glob("misclassified_*.png")) == sorted(f"misclassified_{x}.png" for x in NORMS_ALL)
 
     (img / "misclassified_layer.png").unlink()
     result = run("gallery", "--norm", "layer", "--count", "5")

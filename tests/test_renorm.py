@@ -14,6 +14,7 @@ from normtf.model_files import save_model
 from normtf.models import build_model, norm_layers
 from normtf.norms import EPS
 from normtf.training import train
+from numeric import central_difference
 
 MOVING_MEAN, MOVING_VARIANCE = np.array([0.5, -3.0]), np.array([4.0, 0.01])
 
@@ -80,23 +81,14 @@ def test_gradients_are_the_papers_with_r_and_d_held_constant(step):
     def loss(x_, gamma_=gamma, beta_=beta):
         return (reference(x_, gamma_, beta_, r_max, d_max, r, d)[0] * weights).sum()
 
-    def numeric(f, at):
-        grad, h = np.zeros_like(at, dtype=np.float64), 1e-6
-        for i in np.ndindex(at.shape):
-            up, down = at.astype(np.float64), at.astype(np.float64)
-            up[i] += h
-            down[i] -= h
-            grad[i] = (f(up) - f(down)) / (2 * h)
-        return grad
-
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xt)
         out = tf.reduce_sum(layer(xt, training=True) * tf.constant(weights, tf.float32))
     dx, dgamma, dbeta = tape.gradient(out, [xt, layer.gamma, layer.beta])
-    np.testing.assert_allclose(dx, numeric(loss, x), rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(dgamma, numeric(lambda g: loss(x, g), gamma), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dbeta, numeric(lambda b: loss(x, gamma, b), beta), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, central_difference(loss, x), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(dgamma, central_difference(lambda g: loss(x, g), gamma), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta, central_difference(lambda b: loss(x, gamma, b), beta), rtol=1e-4, atol=1e-4)
 
 
 def test_inference_is_batch_norms_with_the_moving_statistics():

@@ -9,6 +9,7 @@ import tensorflow as tf
 from normtf import wsconv
 from normtf.model_files import save_model
 from normtf.models import build_model
+from numeric import central_difference
 
 rng = np.random.default_rng(3)
 X = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
@@ -46,23 +47,14 @@ def test_gradients_flow_through_the_standardization():
     weights = rng.normal(size=(2, 3, 3, 4))
     conv = layer()
 
-    def numeric(f, at):
-        grad, h = np.zeros(at.shape), 1e-6
-        for i in np.ndindex(at.shape):
-            up, down = at.astype(np.float64), at.astype(np.float64)
-            up[i] += h
-            down[i] -= h
-            grad[i] = (f(up) - f(down)) / (2 * h)
-        return grad
-
     xt = tf.constant(X)
     with tf.GradientTape() as tape:
         tape.watch(xt)
         loss = tf.reduce_sum(conv(xt) * tf.constant(weights, tf.float32))
     dx, dkernel = tape.gradient(loss, [xt, conv.kernel])
-    np.testing.assert_allclose(dkernel, numeric(lambda w: (convolve(X, standardized(w)) * weights).sum(), KERNEL),
+    np.testing.assert_allclose(dkernel, central_difference(lambda w: (convolve(X, standardized(w)) * weights).sum(), KERNEL),
                                rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(dx, numeric(lambda x: (convolve(x, standardized(KERNEL)) * weights).sum(), X),
+    np.testing.assert_allclose(dx, central_difference(lambda x: (convolve(x, standardized(KERNEL)) * weights).sum(), X),
                                rtol=1e-3, atol=1e-4)
 
 
