@@ -108,8 +108,9 @@ class GridProgress:
             return
         self.progress.advance(self.grid)
         metrics = result.metrics
-        if metrics["status"] == "finished":
-            self._say(f"{label}: finished, test accuracy {percent(metrics['final_test_accuracy'])}")
+        if metrics["status"] == "finished":  # trained by this grid, or found finished when its turn came
+            done = "reused: finished already" if result.reused else "finished"
+            self._say(f"{label}: {done}, test accuracy {percent(metrics['final_test_accuracy'])}")
         elif metrics["status"] == "failed":
             self._say(f"{label}: [red]failed[/]: {metrics['failure']['reason']}")
 

@@ -105,7 +105,7 @@ def test_bench_against_keras_runs_as_the_readme_says(against, what, tmp_path, mo
     assert variant["ratio"] > 0 and variant["reference"]["images_per_second"] > 0
     assert variant["normtf"]["eval_seconds"] > 0 and variant["reference"]["eval_seconds"] > 0
     output = " ".join(result.output.split())
-    assert f"with Keras's {what}" in output and f"wrote results/bench-{against}.json" in output
+    assert f"with Keras's {what}" in output and f"wrote runs/bench-{against}.json" in output
 
 
 def test_bench_without_pytorch_says_how_to_install_it_and_writes_nothing(tmp_path, monkeypatch):

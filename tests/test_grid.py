@@ -172,7 +172,7 @@ def test_ctrl_c_stops_every_job_in_one_line_and_the_same_command_resumes_them(tm
 @pytest.mark.slow
 def test_two_commands_on_one_runs_dir_train_every_run_once(tmp_path):
     """The run lock holds across jobs: what one command's job trains, the other's is told is
-    busy (or finds finished), and each run is trained by exactly one of them."""
+    busy (or finds finished: "reused"), and each run is trained by exactly one of them."""
     norms = ["group", "batch", "layer-c", "layer"]
     args = ["compare", *[a for n in norms for a in ("--norm", n)], *TINY, "--jobs", "2",
             "--runs-dir", tmp_path, "--img-dir", tmp_path / "img"]

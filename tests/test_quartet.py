@@ -140,5 +140,5 @@ def test_bench_times_a_new_variant_against_the_keras_layer_build(tmp_path, monke
     result = run("bench", "--quick", "--norm", "batch-renorm", "--against", "keras-layers", "--repeats", "1",
                  "--steps", "2", "--no-epoch")
     assert result.exit_code == 0, result.output
-    variant = json.loads((tmp_path / "results" / "bench-keras-layers.json").read_text())["variants"]["batch-renorm"]
+    variant = json.loads((tmp_path / "runs" / "bench-keras-layers.json").read_text())["variants"]["batch-renorm"]
     assert variant["normtf"]["images_per_second"] > 0 and variant["reference"]["images_per_second"] > 0

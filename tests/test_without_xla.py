@@ -133,7 +133,7 @@ def test_every_variant_trains_a_step_without_xla_as_with_it(norm, dataset, fresh
     keras.backend.clear_session()
     without = _one_step(norm, images, labels)
     assert len(calls) == 1 and xla.available() is False  # the probe, and nothing compiled since
-    assert len(without) == len(with_xla) > 10
+    assert len(without) == len(with_xla) >= 8  # at least the eight kernels: none has no norm weights
     for a, b in zip(with_xla, without):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * max(np.abs(a).max(), 1e-6))
 
