@@ -25,9 +25,9 @@ import signal
 import tempfile
 from pathlib import Path
 
-from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed
 from normtf.errors import Interrupted, NormtfError, RunLocked, UsageError
 from normtf.files import atomic_write
+from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed, stopped
 from normtf.training import TrainResult
 
 TOKEN = ".normtf-cluster-token"  # in each runs directory while a grid runs: proves a worker shares the disk
@@ -112,10 +112,7 @@ class _Driver:
             if self.display:
                 self.display.stop()
         if self.stopping:
-            done = sum(1 for r in self.results if r is not None and r.metrics.get("status") == "finished")
-            raise Interrupted(f"interrupted: {done} of {len(self.results)} runs are finished; the unfinished ones "
-                              "keep their finished epochs where the workers share --runs-dir; run the same command "
-                              "again to resume them")
+            raise stopped(self.results, " where the workers share --runs-dir")
         return self.results
 
     def _stop(self, signum, frame):

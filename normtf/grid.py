@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 from normtf import data
 from normtf.errors import Interrupted, NormtfError, RunLocked
-from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed
+from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed, stopped
 from normtf.norms import relevant
 
 JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
@@ -77,20 +77,20 @@ def threads_per_job(jobs: int, threads: int | None) -> int:
 
 
 def run(jobs: list[Job], workers: int | None = 1, cluster: str | None = None, options: Options = Options(),
-        callbacks_for=lambda config: (), show: bool = False, warn=lambda message: None) -> list:
+        callbacks_for=lambda config: (), show: bool = False, warn=lambda message: None, dataset=None) -> list:
     """Train (or reuse) every job; results in the jobs' order. workers: how many at once (None:
     auto); 1 trains in this process, with `callbacks_for(config)`'s Keras callbacks. `show`: the
     progress on the terminal (a bar per epoch for one run at a time, progress.GridProgress for
-    several)."""
+    several). `dataset`: a dataset's images by name, for runs trained in this process (default:
+    loaded once, when a run first needs them; a caller that needs them too passes loader())."""
     from normtf.progress import EpochProgress, GridProgress
-    from normtf.training import train
 
     results: list = [None] * len(jobs)
-    dataset = _loader(options.data_dir, warn)
+    dataset = dataset or loader(options.data_dir, warn)
     todo = []
     for index, job in enumerate(jobs):  # finished runs are reused here, without starting a job
         if not options.force and job.run.status(relevant(job.config)) == "finished":
-            results[index] = _train_here(train, job, options, dataset, (), warn)
+            results[index] = _train_here(job, options, dataset, (), warn)
         else:
             todo.append(index)
     if not todo:
@@ -107,17 +107,19 @@ def run(jobs: list[Job], workers: int | None = 1, cluster: str | None = None, op
         for index in todo:
             job = jobs[index]
             callbacks = [*([EpochProgress(job.label)] if show else []), *callbacks_for(job.config)]
-            results[index] = _train_here(train, job, options, dataset, callbacks, warn)
+            results[index] = _train_here(job, options, dataset, callbacks, warn)
         return results
     return _Pool(jobs, todo, results, count, options, display, warn).run()
 
 
-def _loader(data_dir, warn):
+def loader(data_dir, warn):
     """The dataset of a name, loaded once, when a run first needs it."""
     return functools.cache(lambda name: data.load(name, data_dir, warn=warn))
 
 
-def _train_here(train, job: Job, options: Options, dataset, callbacks, warn):
+def _train_here(job: Job, options: Options, dataset, callbacks, warn):
+    from normtf.training import train
+
     try:
         return train(job.config, job.runs_dir, dataset=lambda: dataset(job.config.dataset), callbacks=callbacks,
                      tensorboard=options.tensorboard, force=options.force, per_seed=job.per_seed, warn=warn)
@@ -167,9 +169,7 @@ class _Pool:
                 if self.display:
                     self.display.stop()
         if self.stopping is not None:
-            done = sum(1 for r in self.results if r is not None and r.metrics.get("status") == "finished")
-            raise Interrupted(f"interrupted: {done} of {len(self.results)} runs are finished; the unfinished ones "
-                              "keep their finished epochs; run the same command again to resume them")
+            raise stopped(self.results)
         return self.results
 
     def _stop(self, signum):
@@ -311,7 +311,7 @@ def _worker_main(tasks, events, threads: int, options: Options, gpu: int | None)
         from normtf.progress import Reporter
         from normtf.training import train
 
-        dataset = _loader(options.data_dir, lambda message: None)
+        dataset = loader(options.data_dir, lambda message: None)
         while True:
             item = tasks.get()
             if item is None:

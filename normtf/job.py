@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from normtf.config import TrainConfig
-from normtf.errors import NormtfError
+from normtf.errors import Interrupted, NormtfError
 from normtf.norms import relevant
 from normtf.runs import RunDir
 
@@ -68,3 +68,11 @@ def busy(job: Job, reason: str):
 
     return TrainResult(job.run, relevant(job.config), [], {"status": "busy", "norm": job.config.norm,
                                                            "reason": reason})
+
+
+def stopped(results: list, where: str = "") -> Interrupted:
+    """The one line a grid stopped by Ctrl-C or SIGTERM ends with: how many runs are finished, and
+    that the same command resumes the rest (which keep their finished epochs `where`)."""
+    done = sum(1 for r in results if r is not None and r.metrics.get("status") == "finished")
+    return Interrupted(f"interrupted: {done} of {len(results)} runs are finished; the unfinished ones keep their "
+                       f"finished epochs{where}; run the same command again to resume them")

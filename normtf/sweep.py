@@ -66,8 +66,9 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
         planned.append(Job(preflight(config, directory, per_seed, force), directory, per_seed,
                                 f"{config.norm} at batch size {config.batch_size}, seed {config.seed}"))
     options = Options(force=force, data_dir=data_dir)
-    results = grid.run(planned, jobs, cluster, options, callbacks_for, show, warn)
-    dataset = functools.cache(lambda: data.load(base.dataset, data_dir, warn=warn))
+    images = grid.loader(data_dir, warn)  # one load for the runs trained here and the precise statistics
+    results = grid.run(planned, jobs, cluster, options, callbacks_for, show, warn, dataset=images)
+    dataset = functools.partial(images, base.dataset)
     rows = [_row(result, dataset, warn) for result in results]
     order = list(dict.fromkeys(norms))
     rows.sort(key=lambda r: (r["batch_size"], order.index(r["norm"]), seeds.index(r["seed"])))

@@ -96,6 +96,16 @@ def test_compare_on_a_ray_cluster_gives_the_local_pools_numbers(head, tmp_path):
 
 
 @pytest.mark.slow
+def test_cluster_local_trains_on_a_throwaway_ray(tmp_path):
+    """docs/how-it-works.md's `--cluster local`, to try Ray on one machine: no head to start."""
+    result = normtf("compare", "--norm", "group", "--norm", "none", *TINY, "--cluster", "local",
+                    "--runs-dir", tmp_path, "--img-dir", tmp_path / "img")
+    assert result.returncode == 0, result.stderr
+    assert "training 2 runs, 2 at a time on a local Ray, 1 thread each" in result.stdout
+    assert all(RunDir(tmp_path / norm).status() == "finished" for norm in ("group", "none"))
+
+
+@pytest.mark.slow
 def test_a_lost_ray_worker_is_retried_and_its_run_resumes(head, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "normtf", "train", "--norm", "group", "--seeds", "1",
                                 "--epochs", "2", "--train-size", "1500", "--test-size", "200", "--deterministic",
