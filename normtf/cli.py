@@ -296,22 +296,31 @@ def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "m
           out: Annotated[Optional[Path], typer.Option(
               help="The sweep's table as JSON. Default: <runs-dir>/sweep.json (<runs-dir>/<dataset>/sweep.json for "
                    "a dataset other than MNIST); name results/sweep.json only to replace the committed sweep.")] = None,
+          extend: Annotated[Optional[Path], typer.Option(
+              help="Add these variants to a sweep's JSON: its rows of the other variants are kept, when it measured "
+                   "the same dataset, budget, batch sizes, seeds and learning rates (else exit 2). --out defaults to "
+                   "this file.")] = None,
           img_dir: ImgDir = None, data_dir: DataDir = None, force: Force = False, jobs: Jobs = "auto",
           cluster: Cluster = None):
     """Test error against batch size. Each variant at each batch size and seed, on the same budget of images;
     batch norm also with precise statistics (each layer's mean and variance recomputed over the training images)."""
     from normtf import sweep as sweeps
     from normtf.console import console, sweep_table, warn
+    from normtf.files import read_json
 
     sizes = parse_batch_sizes(batch_sizes)
     norms = [n.value for n in norm] if norm else sweep_defaults()
     config = _config(ctx, locals(), norm=norms[0])
     writable(runs_dir, "--runs-dir")  # every place the sweep writes, before its first run
     img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
-    out = sweep_file(out, runs_dir, dataset)
+    previous = read_json(extend) if extend else None
+    if extend and previous is None:
+        raise UsageError(f"--extend {extend}: no such file; name the JSON of a sweep that has been run")
+    out = sweep_file(out if out or not extend else extend, runs_dir, dataset)
     writable(out.parent, "--out")
     summary = sweeps.run_sweep(norms, sizes, config, scale_lr, runs_dir, out, parse_seeds(seeds, seed), force=force,
-                               data_dir=data_dir, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
+                               data_dir=data_dir, warn=warn, show=True, extend=previous,
+                               **_grid(ctx, jobs, cluster, config))
     console.print(sweep_table(summary))
     console.print(f"wrote {out} and {sweeps.draw_sweep(summary, Path(img_dir) / 'batch_size_sweep.png')}")
     rows = summary["rows"]

@@ -24,7 +24,7 @@ from normtf.job import Job, Options
 from normtf.config import TrainConfig
 from normtf.errors import UsageError
 from normtf.evaluation import evaluate_file
-from normtf.files import write_json
+from normtf.files import read_json, write_json
 from normtf.norms import color, get_norm
 from normtf.runs import RunDir
 from normtf.training import TrainResult, preflight
@@ -52,12 +52,13 @@ def sweep_configs(norms: list[str], batch_sizes: list[int], base: TrainConfig, s
 def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale_lr: bool, runs_dir: Path,
               out: Path, seeds: list[int] | None = None, callbacks_for=lambda config: (), force: bool = False,
               data_dir: Path | None = None, warn=lambda message: None, jobs: int | None = 1,
-              cluster: str | None = None, show: bool = False) -> dict:
+              cluster: str | None = None, show: bool = False, extend: dict | None = None) -> dict:
     """Train (or reuse) every config under runs_dir/batch-<size>/<norm>/seed-<s>/, `jobs` at a time
     or on a Ray cluster (normtf.grid), measure every finished batch-norm run again with precise
     statistics, and write the rows and their summary to `out`. A run that a sweep made before
     --seeds left in batch-<size>/<norm>/ itself is reused there when it is this finished run
-    (unless `force`). Every run is checked before the first one starts."""
+    (unless `force`). Every run is checked before the first one starts. `extend`, another sweep's
+    summary, keeps its rows of the variants this one does not train (kept_rows)."""
     seeds = seeds or [base.seed]
     planned = []
     for config in sweep_configs(norms, batch_sizes, base, scale_lr, seeds):
@@ -67,17 +68,41 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
                                 f"{config.norm} at batch size {config.batch_size}, seed {config.seed}"))
     options = Options(force=force, data_dir=data_dir)
     images = grid.loader(data_dir, warn)  # one load for the runs trained here and the precise statistics
-    results = grid.run(planned, jobs, cluster, options, callbacks_for, show, warn, dataset=images)
     dataset = functools.partial(images, base.dataset)
-    rows = [_row(result, dataset, warn) for result in results]
-    order = list(dict.fromkeys(norms))
+    budget = lambda: {"epochs": base.epochs, "train_size": base.train_size or len(dataset().y_train),  # noqa: E731
+                      "test_size": base.test_size or len(dataset().y_test)}
+    kept = kept_rows(extend, norms, batch_sizes, base, scale_lr, seeds, budget()) if extend else []
+    results = grid.run(planned, jobs, cluster, options, callbacks_for, show, warn, dataset=images)
+    rows = kept + [_row(result, dataset, warn) for result in results]
+    order = list(dict.fromkeys([row["norm"] for row in kept] + norms))
     rows.sort(key=lambda r: (r["batch_size"], order.index(r["norm"]), seeds.index(r["seed"])))
     summary = {"dataset": base.dataset, "lr_scaled": scale_lr, "reference_batch": REFERENCE_BATCH, "seeds": seeds,
-               "budget": {"epochs": base.epochs, "train_size": base.train_size or len(dataset().y_train),
-                          "test_size": base.test_size or len(dataset().y_test)},
-               "rows": rows, "summary": summarize(rows)}
+               "budget": budget(), "rows": rows, "summary": summarize(rows)}
     write_json(Path(out), summary)
     return summary
+
+
+def kept_rows(previous: dict, norms: list[str], batch_sizes: list[int], base: TrainConfig, scale_lr: bool,
+              seeds: list[int], budget: dict) -> list[dict]:
+    """The rows of a previous sweep (--extend) of the variants this sweep does not train, so that a sweep
+    grows by a variant without retraining the others. Only where both measured the same thing: the
+    dataset, the budget, the batch sizes, the seeds and the learning rates; else a UsageError naming
+    each difference, before any run starts."""
+    rows = [{"seed": sweep_seeds(previous)[0], **row} for row in previous.get("rows", []) if row["norm"] not in norms]
+    if not rows:
+        raise UsageError("--extend: that sweep has no rows of variants other than this one's "
+                         f"({', '.join(dict.fromkeys(norms))}); run the sweep without --extend")
+    batch_lr = {(row["batch_size"], row["lr"]) for row in rows}
+    ours = {(c.batch_size, c.lr) for c in sweep_configs(norms[:1], batch_sizes, base, scale_lr, [base.seed])}
+    differences = [f"{name} {theirs} there, {mine} here" for name, theirs, mine in [
+        ("dataset", previous.get("dataset", data.DEFAULT), base.dataset),
+        ("budget", previous.get("budget"), budget),
+        ("seeds", sweep_seeds(previous), seeds),
+        ("batch sizes and learning rates", sorted(batch_lr), sorted(ours))] if theirs != mine]
+    if differences:
+        raise UsageError(f"--extend: that sweep measured something else ({'; '.join(differences)}); "
+                         "use its flags, or run the sweep without --extend")
+    return rows
 
 
 def _row(result: TrainResult, dataset, warn) -> dict:
@@ -93,7 +118,8 @@ def _row(result: TrainResult, dataset, warn) -> dict:
             "status": metrics["status"], **({"failure": metrics["failure"]["reason"]} if "failure" in metrics else {}),
             "test_accuracy": metrics["final_test_accuracy"] if finished else None,
             ERROR: 100 * (1 - metrics["final_test_accuracy"]) if finished else None, PRECISE: precise,
-            "mean_epoch_time": metrics.get("mean_epoch_time")}
+            "mean_epoch_time": metrics.get("mean_epoch_time"),
+            "normtf": (read_json(result.run.config) or {}).get("normtf") if finished else None}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -274,3 +274,32 @@ def test_a_small_sweep_through_the_command_has_a_row_per_seed_and_a_rerun_reuses
     assert again.exit_code == 0, again.output
     assert {path: path.stat().st_mtime_ns for path in runs.rglob("model.keras")} == models
     assert json.loads(out.read_text()) == summary
+
+
+def test_extend_adds_a_variant_and_keeps_the_other_rows_as_they_were(tmp_path):
+    """--extend, as the committed sweep grew by none, batch-renorm and group-ws: the new variant's rows
+    are trained and added, the old rows are kept word for word (their runs may be long gone), and a
+    sweep that measured something else is refused before any run starts."""
+    runs, img, out = tmp_path / "runs", tmp_path / "img", tmp_path / "sweep.json"
+    flags = ["--batch-sizes", "64", "--seeds", "1", *TINY, "--img-dir", str(img)]
+    first = CliRunner().invoke(app, ["sweep", "--norm", "batch", *flags, "--runs-dir", str(runs), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    before = json.loads(out.read_text())
+    shutil.rmtree(runs)  # the kept rows need no runs
+
+    added = CliRunner().invoke(app, ["sweep", "--norm", "none", *flags, "--runs-dir", str(runs), "--extend", str(out)])
+    assert added.exit_code == 0 and "Traceback" not in added.output, added.output
+    after = json.loads(out.read_text())  # --out defaults to the extended file
+    assert [(r["norm"], r["batch_size"], r["seed"]) for r in after["rows"]] == [("batch", 64, 42), ("none", 64, 42)]
+    assert after["rows"][0] == before["rows"][0] and after["summary"][0] == before["summary"][0]
+    assert not (runs / "batch-64" / "batch").exists() and (runs / "batch-64" / "none" / "seed-42" / "model.keras").is_file()
+    assert after["rows"][1]["normtf"]["version"]  # each new row names the code that trained it
+    assert after["rows"][1]["test_error_percent_precise_bn"] is None
+
+    for other, named in [(["--epochs", "2"], "budget"), (["--seeds", "2"], "seeds"), (["--no-scale-lr"], "learning rates")]:
+        refused = CliRunner().invoke(app, ["sweep", "--norm", "layer", *flags, *other, "--runs-dir", str(runs),
+                                           "--extend", str(out)])
+        assert refused.exit_code == 2 and named in refused.output and "Traceback" not in refused.output, refused.output
+    assert not (runs / "batch-64" / "layer").exists() and json.loads(out.read_text()) == after
+    missing = CliRunner().invoke(app, ["sweep", "--norm", "layer", *flags, "--extend", str(tmp_path / "nothing.json")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
