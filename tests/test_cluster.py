@@ -25,6 +25,7 @@ from normtf.runs import RunDir  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200", "--deterministic"]
+CLIENT = {}  # the head's Ray Client address, ray://127.0.0.1:<port>
 
 
 def free_port() -> int:
@@ -53,6 +54,7 @@ def head():
                               *[f"{flag}={value}" for flag, value in ports.items()]],
                              capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
+    CLIENT["address"] = f"ray://127.0.0.1:{ports['--ray-client-server-port']}"
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -93,6 +95,28 @@ def test_compare_on_a_ray_cluster_gives_the_local_pools_numbers(head, tmp_path):
     again = normtf("compare", *norms, *TINY, "--cluster", head, "--runs-dir", "ray", "--img-dir", "ray/img",
                    cwd=tmp_path)
     assert again.returncode == 0 and "training" not in again.stdout  # finished runs are reused, no task sent
+
+
+@pytest.mark.slow
+def test_cluster_auto_finds_the_head_through_ray_address(head, tmp_path):
+    """docs/how-it-works.md's `--cluster auto`, as on a node of a cluster: the address from RAY_ADDRESS."""
+    env = {**os.environ, "RAY_ADDRESS": head}
+    result = subprocess.run([sys.executable, "-m", "normtf", "train", "--norm", "none", *TINY, "--seeds", "1",
+                             "--cluster", "auto", "--runs-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=900, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "on the Ray cluster at auto" in result.stdout
+    assert RunDir(tmp_path / "none" / "seed-42").status() == "finished"
+
+
+@pytest.mark.slow
+def test_ray_client_address_trains_through_the_client_server(head, tmp_path):
+    """docs/how-it-works.md's `--cluster ray://HEAD:10001`: the driver talks to the head's Ray Client
+    server (here on a free port); the runs land in the driver's --runs-dir."""
+    result = normtf("train", "--norm", "group", *TINY, "--seeds", "1", "--cluster", CLIENT["address"],
+                    "--runs-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert RunDir(tmp_path / "group" / "seed-42").status() == "finished"
 
 
 @pytest.mark.slow
