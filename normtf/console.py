@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
@@ -89,26 +89,41 @@ def _spread(values: list[float], percent: bool = False) -> str:
     return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}{unit}"
 
 
-def sweep_table(summary: dict) -> Table:
+def sweep_table(summary: dict, most: int = 4) -> Group:
     """Test error (%) with batch sizes down and variants across (normtf.sweep's JSON). A cell is the
     mean ± sample std over the seeds, and under it each seed's error, in the seeds' order; beside
-    a batch-norm variant measured with precise statistics, a column of those."""
+    a batch-norm variant measured with precise statistics, a column of those. At most `most`
+    columns a table (four fit 80 characters); more variants continue in a table under it."""
     key, precise = "test_error_percent", "test_error_percent_precise_bn"
-    points = {(p["norm"], p["batch_size"]): p for p in summary["summary"]}
     norms = list(dict.fromkeys(p["norm"] for p in summary["summary"]))
-    columns = [(norm, measure) for norm in norms for measure in (key, precise)
-               if measure == key or any(p[precise] for p in summary["summary"] if p["norm"] == norm)]
+    chunks: list[list[tuple[str, str]]] = []
+    for norm in norms:
+        columns = [(norm, measure) for measure in (key, precise)
+                   if measure == key or any(p[precise] for p in summary["summary"] if p["norm"] == norm)]
+        if chunks and len(chunks[-1]) + len(columns) <= most:
+            chunks[-1] += columns
+        else:
+            chunks.append(columns)
     seeds = summary["seeds"]
     notes = []
     if len(seeds) > 1:
         notes.append("mean ± sample std over the seeds; under it, each seed's error in order")
-    if any(measure == precise for _, measure in columns):
+    if any(measure == precise for chunk in chunks for _, measure in chunk):
         notes.append("precise BN: batch-norm statistics recomputed over the training images")
     epochs = summary["budget"]["epochs"]
-    table = Table(title=f"Test error (%) after {epochs} epoch{'s' if epochs != 1 else ''} of "
-                        f"{summary['budget']['train_size']:,} images, seed{'s' if len(seeds) > 1 else ''} "
-                        f"{', '.join(map(str, seeds))}",
-                  caption="; ".join(notes) or None, **{**COMPACT, "padding": (0, 0, 0, 2)}, show_lines=len(seeds) > 1)
+    title = (f"Test error (%) after {epochs} epoch{'s' if epochs != 1 else ''} of {summary['budget']['train_size']:,} "
+             f"images, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    tables = [_sweep_columns(summary, chunk, title if i == 0 else None,
+                             "; ".join(notes) or None if i == len(chunks) - 1 else None) for i, chunk in enumerate(chunks)]
+    return Group(*[part for table in tables for part in ("", table)][1:])  # a blank line between tables
+
+
+def _sweep_columns(summary: dict, columns: list[tuple[str, str]], title: str | None, caption: str | None) -> Table:
+    """One table of sweep_table: the batch sizes and these (variant, measure) columns."""
+    precise = "test_error_percent_precise_bn"
+    points = {(p["norm"], p["batch_size"]): p for p in summary["summary"]}
+    seeds = summary["seeds"]
+    table = Table(title=title, caption=caption, **{**COMPACT, "padding": (0, 0, 0, 2)}, show_lines=len(seeds) > 1)
     table.add_column("batch\nsize", justify="right")
     for norm, measure in columns:
         table.add_column(f"{norm}\nprecise BN" if measure == precise else norm, justify="right", no_wrap=True)

@@ -28,6 +28,7 @@ class Norm:
     conv: Callable[..., object] | None = None  # the blocks' convolution class (Conv2D's arguments); None: Conv2D
     pytorch: bool = False  # has a PyTorch counterpart in torch_reference.py (`normtf bench --against reference`)
     swept: bool = False  # in `normtf sweep`'s default set
+    moving: bool = False  # tests with moving batch statistics (batch norm's kind): the sweep also measures it with precise ones
 
 
 def _batch(config):
@@ -75,9 +76,9 @@ def _ws_conv(*args, **kwargs):
 
 NORMS: dict[str, Norm] = {
     "batch-l1": Norm(_batch, "batch norm + L1 on the kernels (the study's run)", l1=True,
-                     uses=frozenset({"l1", "sync_bn"}), pytorch=True),
+                     uses=frozenset({"l1", "sync_bn"}), pytorch=True, moving=True),
     "batch": Norm(_batch, "batch norm without L1 (the control the study lacks)",
-                  uses=frozenset({"sync_bn"}), pytorch=True, swept=True),
+                  uses=frozenset({"sync_bn"}), pytorch=True, swept=True, moving=True),
     "layer": Norm(_layer, "layer norm over (H, W, C) with element-wise gamma/beta, as PyTorch LayerNorm([C, H, W])",
                   pytorch=True, swept=True),
     "group": Norm(_group, "group norm, per-channel gamma/beta, --groups groups (2 in the study)",
@@ -88,7 +89,7 @@ NORMS: dict[str, Norm] = {
     "none": Norm(None, "no norm layer (conv -> ReLU -> dropout): what normalization buys", swept=True),
     "instance": Norm(_instance, "instance norm (group norm with one group per channel)"),
     "batch-renorm": Norm(_batch_renorm, "batch renormalization (Ioffe 2017): batch norm whose training output is "
-                                        "corrected towards the moving statistics", swept=True),
+                                        "corrected towards the moving statistics", swept=True, moving=True),
     "group-ws": Norm(_group, "group norm (--groups groups) after weight-standardized convolutions (Qiao et al. 2019)",
                      uses=frozenset({"groups"}), conv=_ws_conv, swept=True),
 }

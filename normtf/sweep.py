@@ -34,9 +34,9 @@ ERROR, PRECISE = "test_error_percent", "test_error_percent_precise_bn"  # with m
 
 
 def has_batch_norm(norm: str) -> bool:
-    """Whether the variant's test-time network normalizes by moving batch statistics: the variants
-    --sync-bn applies to."""
-    return "sync_bn" in get_norm(norm).uses
+    """Whether the variant's test-time network normalizes by moving batch statistics (batch norm,
+    and batch renormalization, whose saved model is batch norm's)."""
+    return get_norm(norm).moving
 
 
 def sweep_configs(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale_lr: bool,

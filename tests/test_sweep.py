@@ -303,3 +303,19 @@ def test_extend_adds_a_variant_and_keeps_the_other_rows_as_they_were(tmp_path):
     assert not (runs / "batch-64" / "layer").exists() and json.loads(out.read_text()) == after
     missing = CliRunner().invoke(app, ["sweep", "--norm", "layer", *flags, "--extend", str(tmp_path / "nothing.json")])
     assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+def test_six_variants_and_two_precise_columns_fit_80_columns_in_two_tables():
+    """The sweep's default six variants: batch norm and batch renormalization with precise columns,
+    eight columns in all, as two tables under one title, each within 80 characters."""
+    committed = json.loads((ROOT / "results" / "sweep.json").read_text())
+    renamed = {"batch": "batch-renorm", "layer": "none", "group": "group-ws"}
+    rows = [row for row in committed["rows"] if row["norm"] in renamed]
+    rows += [{**row, "norm": renamed[row["norm"]]} for row in rows]
+    summary = {**committed, "rows": rows, "summary": summarize(rows)}
+    lines = table_text(summary, width=80)
+    text = "\n".join(lines)
+    assert max(map(len, lines)) <= 80 and "…" not in text
+    headers = [line for line in lines if "size" in line]
+    assert len(headers) == 2 and text.count("Test error (%) after") == 1 and text.count("precise BN") == 3
+    assert all(norm in text for norm in ["batch", "layer", "group", "none", "batch-renorm", "group-ws"])
