@@ -133,7 +133,7 @@ def _sweep_columns(summary: dict, columns: list[tuple[str, str]], title: str | N
         for norm, measure in columns:
             point = points.get((norm, size))
             runs = [rows.get((norm, size, seed)) for seed in seeds]
-            each = " ".join("-" if r is None else "failed" if r["status"] != "finished" else f"{r[measure]:.2f}"
+            each = " ".join("-" if r is None else r["status"] if r["status"] != "finished" else f"{r[measure]:.2f}"
                             for r in runs)
             stats = point and point[measure]
             if not stats:

@@ -251,13 +251,30 @@ def test_committed_seed_42_models_re_evaluate_to_their_metrics(path, dataset, fa
     assert evaluation.loss == pytest.approx(metrics["final_test_loss"], rel=1e-4)
 
 
-def test_the_sweep_table_is_the_committed_sweep():
-    """docs/results.md's sweep table, cell by cell, against results/sweep.json: for every batch size,
-    batch norm with moving averages and with precise statistics, layer and group norm, each as
-    "mean ± std (each seed)"."""
+def sweep_tables() -> list[tuple[list[str], dict[str, list[str]]]]:
+    """[(header cells, {batch size: cells})] of docs/results.md's sweep tables: those whose header
+    starts with "batch size | lr"."""
+    tables, inside = [], False
+    for line in (ROOT / "docs" / "results.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:2] == ["batch size", "lr"]:
+            tables.append((cells, {}))
+            inside = True
+        elif inside and line.startswith("|") and not cells[0].startswith("---"):
+            tables[-1][1][cells[0]] = cells
+        elif inside and not line.startswith("|"):
+            inside = False
+    return tables
+
+
+def test_the_sweep_tables_are_the_committed_sweep():
+    """docs/results.md's sweep tables, cell by cell, against results/sweep.json: for every batch size,
+    each column's variant ("`group`") with moving averages or precise statistics ("`batch`, precise
+    statistics"), each as "mean ± std (each seed)"; together the tables show every variant of the sweep."""
     sweep = json.loads((ROOT / "results" / "sweep.json").read_text())
     runs = {(r["norm"], r["batch_size"], r["seed"]): r for r in sweep["rows"]}
     points = {(p["norm"], p["batch_size"]): p for p in sweep["summary"]}
+    sizes = sorted({p["batch_size"] for p in sweep["summary"]})
 
     def cell(norm, size, key):
         point = points[norm, size]
@@ -265,20 +282,16 @@ def test_the_sweep_table_is_the_committed_sweep():
         each = ", ".join(f"{runs[norm, size, s][key]:.2f}" for s in point["seeds"])
         return f"{stats['mean']:.2f} ± {stats['std']:.2f} ({each})"
 
-    columns = [("batch", "test_error_percent"), ("batch", "test_error_percent_precise_bn"),
-               ("layer", "test_error_percent"), ("group", "test_error_percent")]
-    expected = {str(size): [str(size), f"{points['batch', size]['lr']:g}", *(cell(n, size, k) for n, k in columns)]
-                for size in sorted({p["batch_size"] for p in sweep["summary"]})}
-    found, inside = {}, False
-    for line in (ROOT / "docs" / "results.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[:2] == ["batch size", "lr"] and "precise statistics" in line:
-            inside = True
-        elif inside and line.startswith("|") and not cells[0].startswith("---"):
-            found[cells[0]] = cells
-        elif inside and not line.startswith("|"):
-            break
-    assert sweep["seeds"] == [42, 43, 44] and len(expected) == 7 and found == expected
+    tables, shown = sweep_tables(), set()
+    assert sweep["seeds"] == [42, 43, 44] and len(sizes) == 7 and tables
+    for header, found in tables:
+        columns = [(h.split("`")[1], "test_error_percent_precise_bn" if "precise" in h else "test_error_percent")
+                   for h in header[2:]]
+        shown |= {norm for norm, _ in columns}
+        expected = {str(size): [str(size), f"{points[columns[0][0], size]['lr']:g}",
+                                *(cell(n, size, k) for n, k in columns)] for size in sizes}
+        assert found == expected
+    assert shown == {p["norm"] for p in sweep["summary"]}
 
 
 def test_the_readme_sweep_paragraph_is_the_committed_sweep():
@@ -303,6 +316,14 @@ def test_the_readme_sweep_paragraph_is_the_committed_sweep():
     assert all(error("batch", s, precise)["max"] < min(error("layer", s)["min"], error("group", s)["min"])
                for s in larger if s >= 8)  # the best of the three from batch 8 up
     assert f"batch 2 stays at {error('batch', 2, precise)['mean']:.2f}%" in paragraph
+    # the fixes and the control
+    assert f"(`group-ws`) works: {error('group-ws', 2)['mean']:.2f}% at batch 2, beyond every other" in paragraph
+    others = [points[norm, 2][key] for norm in ("batch", "layer", "group", "none", "batch-renorm")
+              for key in ("test_error_percent", precise) if points[norm, 2][key]]
+    assert error("group-ws", 2)["max"] < min(other["min"] for other in others)
+    assert f"only with precise statistics ({error('batch-renorm', 2, precise)['mean']:.2f}%)" in paragraph
+    assert error("batch-renorm", 2, precise)["max"] < error("batch", 2, precise)["min"]  # it helps, beyond the spread
+    assert f"{error('none', 2)['mean']:.2f}% at batch 2 to {error('none', 128)['mean']:.2f}% at 128" in paragraph
 
 
 @pytest.mark.slow

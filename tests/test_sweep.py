@@ -221,6 +221,9 @@ def test_the_table_title_counts_epochs_in_words_that_read_and_marks_failed_seeds
                    "summary": summarize(rows)}
         text = " ".join(" ".join(table_text(summary, 200)).split())  # the title wraps at the table's width
         assert phrase in text and "3.50 failed" in text and "3.00 failed" in text
+    busy = [rows[0], {**rows[1], "status": "busy"}]  # another normtf process was training it: not a failure
+    summary = {"seeds": [1, 2], "budget": {"epochs": 1, "train_size": 512}, "rows": busy, "summary": summarize(busy)}
+    assert "3.50 busy" in " ".join(" ".join(table_text(summary, 200)).split())
 
 
 @pytest.mark.slow
