@@ -316,7 +316,7 @@ def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "m
     previous = read_json(extend) if extend else None
     if extend and previous is None:
         raise UsageError(f"--extend {extend}: no such file; name the JSON of a sweep that has been run")
-    out = sweep_file(out if out or not extend else extend, runs_dir, dataset)
+    out = sweep_file(out or extend, runs_dir, dataset)
     writable(out.parent, "--out")
     summary = sweeps.run_sweep(norms, sizes, config, scale_lr, runs_dir, out, parse_seeds(seeds, seed), force=force,
                                data_dir=data_dir, warn=warn, show=True, extend=previous,
