@@ -77,13 +77,15 @@ def curves_figure(runs: dict[str, dict], title: str, legend_title: str | None = 
               ("train_loss", "Train loss (running mean, log scale)", False),
               ("train_accuracy", "Train accuracy (%, running mean, augmented)", True)]
     last = max(min(len(h) for h in run["histories"]) for run in runs.values())
+    off_scale = _off_scale(runs)
     for ax, (key, label, percent) in zip(axes.flat, panels):
-        for run in runs.values():
+        for name, run in runs.items():
             length = min(len(h) for h in run["histories"])
             epochs = np.arange(1, length + 1)
             values = np.array([[r[key] for r in h[:length]] for h in run["histories"]]) * (100 if percent else 1)
+            below = f"; test accuracy {off_scale[name]:.2f}%, below the accuracy panels" if name in off_scale else ""
             ax.plot(epochs, values.mean(axis=0), marker="o", markersize=3, linewidth=1.6, color=run["color"],
-                    label=run["label"])
+                    label=run["label"] + below)
             if len(values) > 1:
                 ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=run["color"], alpha=0.2)
         ax.set_title(label, fontsize=12)
@@ -93,7 +95,7 @@ def curves_figure(runs: dict[str, dict], title: str, legend_title: str | None = 
         ax.set_xticks(epoch_ticks(last))
         ax.set_xlim(0.5, last + 0.5)
         if percent:
-            ax.set_ylim(_accuracy_floor(runs, key), 100)
+            ax.set_ylim(_accuracy_floor({n: r for n, r in runs.items() if n not in off_scale}, key), 100)
         else:
             _label_log_axis(ax)
     for ax in axes[1]:
@@ -106,6 +108,20 @@ def curves_figure(runs: dict[str, dict], title: str, legend_title: str | None = 
 
 def plot_curves(runs: dict[str, dict], path: Path, title: str, legend_title: str | None = None) -> Path:
     return save(curves_figure(runs, title, legend_title), path)
+
+
+OFF_SCALE = 20.0  # points below the best final test accuracy
+
+
+def _off_scale(runs: dict[str, dict]) -> dict[str, float]:
+    """{norm: mean final test accuracy (%)} of the runs that end more than OFF_SCALE points below the
+    best: instance norm, which cannot learn in this network, ends at 11% where the others end at 99%,
+    and an axis down to 11% would draw every other curve as one line along the top. Their accuracy is
+    left below the accuracy panels (their loss is still drawn) and their legend entry says so."""
+    finals = {name: 100 * float(np.mean([h[-1]["test_accuracy"] for h in run["histories"] if h]))
+              for name, run in runs.items() if any(run["histories"])}
+    best = max(finals.values(), default=0.0)
+    return {name: final for name, final in finals.items() if final < best - OFF_SCALE}
 
 
 def _accuracy_floor(runs: dict[str, dict], key: str) -> float:

@@ -23,7 +23,7 @@ LONGEST_FIRST = {
              "test_grid.py", "test_bench.py", "test_layers.py",
              "test_gpu_config.py", "test_model_files.py", "test_data.py", "test_evaluate.py", "test_distributed.py",
              "test_interrupt.py", "test_sweep.py", "test_explain.py", "test_tensorboard.py", "test_bad_values.py"],
-    "slow": ["test_distributed.py", "test_cluster.py", "test_grid.py", "test_two_worker_reruns.py", "test_interrupt.py", "test_gpu_config.py", "test_model_files.py",
+    "slow": ["test_distributed.py", "test_cluster.py", "test_grid.py", "test_two_worker_reruns.py", "test_interrupt.py", "test_gpu_config.py", "test_model_files.py", "test_results.py",
              "test_sweep.py", "test_explain.py", "test_evaluate.py", "test_training.py", "test_cli.py"],
 }
 

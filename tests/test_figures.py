@@ -84,6 +84,25 @@ def test_curves_label_whole_epochs_first_and_last(epochs, expected):
         assert tick_labels(ax.xaxis) == expected
 
 
+def test_a_run_that_cannot_learn_leaves_the_others_readable_and_says_where_it_is():
+    """`compare --all` draws instance norm, at 11% where the others end near 99%: the accuracy panels
+    stay on the others' range and its legend entry gives its accuracy instead."""
+    rng = np.random.default_rng(0)
+    runs = {name: {"label": name, "color": f"C{i}", "histories": histories(20, 1, rng)}
+            for i, name in enumerate(["group", "layer"])}
+    stuck = [{"test_accuracy": 0.1135, "train_accuracy": 0.11, "test_loss": 2.301, "train_loss": 2.302}] * 20
+    runs["instance"] = {"label": "instance", "color": "C2", "histories": [stuck]}
+    figure = drawn(figures.curves_figure(runs, "title"))
+    for ax in figure.axes:
+        if "accuracy" in ax.get_title().lower():
+            assert ax.get_ylim()[0] > 90
+        else:
+            low, high = ax.get_ylim()  # every loss is drawn, instance's too
+            assert all(low <= y <= high for line in ax.get_lines() for y in line.get_ydata())
+    labels = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert labels == ["group", "layer", "instance; test accuracy 11.35%, below the accuracy panels"]
+
+
 def test_loss_panels_say_they_are_log_scale():
     figure = curves(20)
     for ax in figure.axes:
