@@ -15,14 +15,15 @@ from normtf import data  # noqa: E402
 
 
 # Files that train models, longest first in each tier (the fast one by default, the slow one with
-# `-m slow`; docs/development.md), by a --durations run of the whole suite: pytest-xdist hands out
-# whole files (--dist loadfile) in collection order, so starting with the long ones keeps both
-# workers busy to the end, instead of one training file running alone after the other has finished.
+# `-m slow`; docs/development.md), by a --durations run of the tier (the fast one's: 2026-12-05):
+# pytest-xdist hands out whole files (--dist loadfile) in collection order, so starting with the
+# long ones keeps both workers busy to the end, instead of one training file running alone after
+# the other has finished.
 LONGEST_FIRST = {
-    "fast": ["test_training.py", "test_cli.py", "test_quartet.py", "test_fashion.py", "test_evaluate_run.py",
-             "test_grid.py", "test_bench.py", "test_layers.py",
-             "test_gpu_config.py", "test_model_files.py", "test_data.py", "test_evaluate.py", "test_distributed.py",
-             "test_interrupt.py", "test_sweep.py", "test_explain.py", "test_tensorboard.py", "test_bad_values.py"],
+    "fast": ["test_cli.py", "test_layers.py", "test_training.py", "test_bench.py", "test_evaluate.py", "test_fashion.py",
+             "test_sweep.py", "test_data.py", "test_model_files.py", "test_grid.py", "test_quartet.py",
+             "test_gpu_config.py", "test_evaluate_run.py", "test_tensorboard.py", "test_logs.py", "test_figures.py",
+             "test_interrupt.py", "test_bad_values.py", "test_explain.py", "test_renorm.py", "test_distributed.py"],
     "slow": ["test_distributed.py", "test_cluster.py", "test_grid.py", "test_two_worker_reruns.py", "test_interrupt.py", "test_gpu_config.py", "test_model_files.py", "test_results.py",
              "test_sweep.py", "test_explain.py", "test_evaluate.py", "test_training.py", "test_cli.py"],
 }

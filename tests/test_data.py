@@ -199,6 +199,7 @@ def test_unknown_dataset_is_a_usage_error():
         data.load("cifar10")
 
 
+@pytest.mark.slow  # 18 s: Keras's loader and normtf's re-encoding of all 70,000 images
 def test_fashion_mnist_keras_download_fills_the_cache(fashion, tmp_path, monkeypatch):
     """The third source, as a user without the files meets it: keras.datasets.fashion_mnist's
     loader, its four .gz files already in Keras's download cache (this machine has no route to

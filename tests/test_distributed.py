@@ -54,6 +54,7 @@ def test_the_mirrored_sync_bn_command_as_documented_trains(tmp_path):
     assert stored["environment"]["strategy"] == "MirroredStrategy" and stored["config"]["sync_bn"] is True
 
 
+@pytest.mark.slow  # the two-worker tests below train this strategy for real; 13 s of the fast tier
 def test_multi_worker_strategy_without_tf_config_trains_as_one_worker(tmp_path):
     found = run_scenario("multi-worker", tmp_path)
     # CollectiveAllReduceStrategy is the class behind tf.distribute.MultiWorkerMirroredStrategy.
