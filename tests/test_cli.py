@@ -36,6 +36,7 @@ def test_help_lists_the_commands_without_installing():
     assert out.stderr == ""
 
 
+@pytest.mark.slow  # 12 s; the fast tier runs `python cli.py --help` (above)
 def test_cli_py_trains_from_a_copy_with_the_copys_code(tmp_path):
     """README: `python cli.py ...` does the same from a clone without installing. A copy of the
     package, marked by its version, trains a run: the run records the copy's version, so the

@@ -3,12 +3,15 @@ normalization constants recorded, its class names in the galleries, evaluation o
 
 import json
 
+import pytest
+
 from test_cli import TINY, run
 
 from normtf import figures
 from normtf.data import DATASETS
 
 
+@pytest.mark.slow  # 14 s; the fast tier trains Fashion-MNIST through `sweep` and `train` below
 def test_a_fashion_study_keeps_to_its_own_directories_and_names(tmp_path, monkeypatch, fashion):
     runs, img = tmp_path / "runs", tmp_path / "img"
     drawn = {}

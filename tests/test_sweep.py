@@ -257,8 +257,9 @@ def test_the_committed_sweeps_table_fits_80_columns():
     assert all(norm in text for norm in ["batch", "layer", "group", "none", "batch-renorm", "group-ws"])
 
 
+@pytest.mark.slow  # 17 s; the fast tier's sweep through the command is --extend's (below)
 def test_a_small_sweep_through_the_command_has_a_row_per_seed_and_a_rerun_reuses_them(tmp_path):
-    """The fast tier's sweep, two runs: batch norm at batch 64, seeds 42 and 43, as a user types it.
+    """A small sweep, two runs: batch norm at batch 64, seeds 42 and 43, as a user types it.
     A row per seed in seed directories, the summary NumPy's mean and spread, the error with precise
     statistics, the table and the figure; the same command again trains nothing and writes the same."""
     runs, img, out = tmp_path / "runs", tmp_path / "img", tmp_path / "sweep.json"
