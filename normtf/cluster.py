@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -50,13 +51,12 @@ def run(jobs: list[Job], todo: list[int], results: list, address: str, workers: 
     machine); fill `results` in place and return it. workers: at most that many tasks at once
     (None: as many as the cluster schedules)."""
     ray = _ray(address)
+    _answers(address)
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=options.verbose,
                  **({"include_dashboard": False} if address == "local" else {}))
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise NormtfError(f"could not reach a Ray cluster at {address!r}: {str(e).strip().splitlines()[0]}; start "
-                          "one with `ray start --head` and pass its address (or auto on its head node), or use "
-                          "--cluster local") from None
+        raise _unreachable(address, _reason(e)) from None
     tokens = {}
     try:
         from ray.util.queue import Queue
@@ -78,6 +78,23 @@ def run(jobs: list[Job], todo: list[int], results: list, address: str, workers: 
         for directory in tokens:
             (Path(directory) / TOKEN).unlink(missing_ok=True)
         ray.shutdown()
+
+
+def _unreachable(address: str, reason: str) -> NormtfError:
+    return NormtfError(f"could not reach a Ray cluster at {address!r}: {reason}; start one with `ray start --head` "
+                       "and pass its address (or auto on its head node), or use --cluster local")
+
+
+def _answers(address: str) -> None:
+    """Refuse at once an address where nothing listens: Ray would retry it for many minutes in silence
+    (a GCS address: over 10 minutes, measured with Ray 2.60). "local" and "auto" are Ray's to find."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # not host:port; Ray says what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise _unreachable(address, f"nothing answers at {host}:{port} ({e.strerror or type(e).__name__})") from None
 
 
 class _Driver:
@@ -148,7 +165,7 @@ class _Driver:
         except self.ray.exceptions.TaskCancelledError:
             kind, value = "interrupted", []
         except self.ray.exceptions.RayTaskError as e:
-            kind, value = ("interrupted", []) if self.stopping else ("error", [_first_line(e.cause or e)])
+            kind, value = ("interrupted", []) if self.stopping else ("error", [_last_line(e.cause or e)])
         except self.ray.exceptions.RayError as e:  # the worker (or its node) died, and so did the retry
             kind, value = "error", [f"its Ray worker was lost twice ({type(e).__name__})"]
         result = None
@@ -166,7 +183,16 @@ class _Driver:
             self.display.finished(index, job.label, result)
 
 
-def _first_line(error) -> str:
+def _reason(error) -> str:
+    """Ray's message in one line: its first, and its last where the server sent a traceback (a Ray
+    Client server puts its own error after one: "Initialization failure from server: ... RuntimeError:
+    Proxy failed to Connect to backend! Check `ray_client_server.err` ...")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines) or type(error).__name__
+
+
+def _last_line(error) -> str:
+    """A task's exception as `Type: message`: the last line of what Ray sends back (its traceback's end)."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
 

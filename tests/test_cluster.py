@@ -19,13 +19,14 @@ pytest.importorskip("ray", reason="the ray extra is not installed: pip install -
 
 from normtf import cluster, quiet  # noqa: E402
 from normtf.config import TrainConfig  # noqa: E402
+from normtf.errors import NormtfError  # noqa: E402
 from normtf.evaluation import evaluate_file, load_model  # noqa: E402
 from normtf.job import Job, Options  # noqa: E402
 from normtf.runs import RunDir  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200", "--deterministic"]
-CLIENT = {}  # the head's Ray Client address, ray://127.0.0.1:<port>
+CLIENT = {}  # the head's Ray Client address, ray://127.0.0.1:<port>, and its logs directory
 
 
 def free_port() -> int:
@@ -39,7 +40,9 @@ def head():
     """A one-node Ray cluster of 2 CPUs, its ports chosen free, stopped after the tests. On loopback
     only (Ray otherwise announces the machine's network address; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
     keeps it to 127.0.0.1, as on macOS), with a token of its own (Ray's token authentication, which
-    the driver in the test process's children finds through the same variables)."""
+    the driver in the test process's children finds through the same variables). Its Ray Client
+    server waits up to 5 minutes, not Ray's 30 s, for the server it starts for each client to answer:
+    on CI's two cores that server starts beside two training processes of the other test file."""
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     token = Path(temp) / "auth_token"
     token.write_text(os.urandom(16).hex())
@@ -52,9 +55,11 @@ def head():
     started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                               "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
                               *[f"{flag}={value}" for flag, value in ports.items()]],
-                             capture_output=True, text=True, timeout=180)
+                             capture_output=True, text=True, timeout=180,
+                             env={**os.environ, "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "300"})
     assert started.returncode == 0, started.stdout + started.stderr
-    CLIENT["address"] = f"ray://127.0.0.1:{ports['--ray-client-server-port']}"
+    CLIENT.update(address=f"ray://127.0.0.1:{ports['--ray-client-server-port']}",
+                  logs=Path(temp) / "session_latest" / "logs")
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -115,8 +120,15 @@ def test_ray_client_address_trains_through_the_client_server(head, tmp_path):
     server (here on a free port); the runs land in the driver's --runs-dir."""
     result = normtf("train", "--norm", "group", *TINY, "--seeds", "1", "--cluster", CLIENT["address"],
                     "--runs-dir", tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + client_server_logs()
     assert RunDir(tmp_path / "group" / "seed-42").status() == "finished"
+
+
+def client_server_logs() -> str:
+    """The end of the head's Ray Client server logs (the proxy's and each client's own server's): where
+    the server writes why it could not serve a client."""
+    return "".join(f"\n--- {path.name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+                   for path in sorted(CLIENT["logs"].glob("ray_client_server*")) if path.stat().st_size)
 
 
 @pytest.mark.slow
@@ -145,6 +157,31 @@ def test_a_lost_ray_worker_is_retried_and_its_run_resumes(head, tmp_path):
     assert process.returncode == 0, err
     assert [r["epoch"] for r in run.read_history()] == [1, 2]  # resumed, not started over
     assert run.status() == "finished"
+
+
+def test_an_address_where_no_cluster_answers_fails_at_once_and_says_so(tmp_path):
+    """A mistyped --cluster address: Ray alone retries a GCS address for over ten minutes in silence;
+    normtf says at once that nothing answers there, with no traceback, and writes no run."""
+    address = f"127.0.0.1:{free_port()}"  # free: nothing listens there
+    started = time.monotonic()
+    result = normtf("train", "--norm", "group", *TINY, "--seeds", "1", "--cluster", address, "--runs-dir", tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert f"could not reach a Ray cluster at '{address}': nothing answers at {address}" in result.stderr
+    assert "ray start --head" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 120 and not list(tmp_path.iterdir())
+    client = f"ray://127.0.0.1:{free_port()}"  # a Ray Client address: the same check, before Ray's own
+    with pytest.raises(NormtfError, match=f"at '{client}': nothing answers at 127.0.0.1:"):
+        cluster.run([], [], [], client, None, Options(), None, print)
+
+
+def test_a_ray_client_servers_failure_is_named_in_one_line():
+    """The Ray Client server sends back a traceback; the user sees its first line and its own error."""
+    sent = ("Initialization failure from server:\nTraceback (most recent call last):\n  File \"proxier.py\", "
+            "line 760, in Datapath\n    raise RuntimeError(\nRuntimeError: Proxy failed to Connect to backend! "
+            "Check `ray_client_server.err`\n")
+    assert cluster._reason(ConnectionError(sent)) == ("Initialization failure from server: RuntimeError: Proxy "
+                                                      "failed to Connect to backend! Check `ray_client_server.err`")
+    assert cluster._reason(ConnectionError("one line")) == "one line"
 
 
 def test_a_worker_that_cannot_see_the_runs_dir_sends_the_run_back(tmp_path, dataset, monkeypatch):
