@@ -31,6 +31,7 @@ from normtf.files import atomic_write
 from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed, stopped
 from normtf.training import TrainResult
 
+CLIENT_SERVER_LOST = "Starting Ray client server failed"  # Ray's words for it (ray.util.client.server.proxier)
 TOKEN = ".normtf-cluster-token"  # in each runs directory while a grid runs: proves a worker shares the disk
 
 
@@ -52,11 +53,17 @@ def run(jobs: list[Job], todo: list[int], results: list, address: str, workers: 
     (None: as many as the cluster schedules)."""
     ray = _ray(address)
     _answers(address)
-    try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=options.verbose,
-                 **({"include_dashboard": False} if address == "local" else {}))
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise _unreachable(address, _reason(e)) from None
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=options.verbose,
+                     **({"include_dashboard": False} if address == "local" else {}))
+            break
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            # A Ray Client server sometimes loses the server it starts for this client at birth (seen
+            # with Ray 2.60: "Epoll1Poller ... Bad file descriptor" in that server's log): once more.
+            if attempt == 2 or CLIENT_SERVER_LOST not in str(e):
+                raise _unreachable(address, _reason(e)) from None
+            ray.shutdown()
     tokens = {}
     try:
         from ray.util.queue import Queue

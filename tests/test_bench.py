@@ -47,6 +47,7 @@ def test_normtf_worker_measures_a_positive_throughput():
     assert result["eval_seconds"][0] > 0
 
 
+@pytest.mark.slow  # 22 s; the fast tier times normtf's own worker, above
 def test_keras_layers_worker_times_the_model_built_from_keras_layers(monkeypatch):
     import keras
 
@@ -81,7 +82,7 @@ def test_every_layer_of_ours_can_be_timed_against_keras_alone():
         "layers", *layers.OURS}
 
 
-@pytest.mark.slow  # each worker's measurement is tested above, in this process
+@pytest.mark.slow  # each worker's measurement is tested above, in this process (Keras's, in the slow tier)
 @pytest.mark.parametrize("against, what", [("keras-layers", "layers"), ("keras-Dropout", "Dropout")])
 def test_bench_against_keras_runs_as_the_readme_says(against, what, tmp_path, monkeypatch):
     """`normtf bench --against keras-layers` (README) and `--against keras-Dropout` through the
@@ -139,6 +140,7 @@ def test_table_renders_without_reference():
     assert bench.format_table(result).row_count == 1
 
 
+@pytest.mark.slow  # a normtf train process: 13 s
 def test_train_epochs_are_the_epoch_times_normtf_train_records():
     seconds = bench.train_epochs("group", epochs=2, options=("--train-size", "512", "--test-size", "500"))
     assert len(seconds) == 2 and all(0 < s < 600 for s in seconds)

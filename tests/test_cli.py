@@ -269,6 +269,7 @@ def test_tuned_recipe_sets_its_values_and_given_flags_override_them(tmp_path):
     assert run("train", "--recipe", "fast").exit_code == 2
 
 
+@pytest.mark.slow  # two TensorFlow processes: 15 s
 def test_commands_start_without_tensorflow_lines_unless_verbose():
     """TensorFlow's C++ start-up lines (cuInit and friends) stay hidden on a CPU machine."""
     command = [sys.executable, "-m", "normtf", "evaluate", "results/tuned/group/seed-42", "--test-size", "500"]
@@ -280,6 +281,7 @@ def test_commands_start_without_tensorflow_lines_unless_verbose():
     assert verbose.returncode == 0 and verbose.stderr != ""  # the same run, its lines shown
 
 
+@pytest.mark.slow  # two training processes: 21 s
 def test_threads_sets_tensorflows_pools_and_is_recorded(tmp_path):
     """`normtf --threads 1 train ...` in its own process (the pools can be set only before
     TensorFlow starts): TensorFlow reports the size, and the run's config.json records it; a run
