@@ -195,7 +195,7 @@ def _reason(error) -> str:
     Client server puts its own error after one: "Initialization failure from server: ... RuntimeError:
     Proxy failed to Connect to backend! Check `ray_client_server.err` ...")."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines) or type(error).__name__
+    return " ".join(lines[:1] + lines[1:][-1:]) or type(error).__name__
 
 
 def _last_line(error) -> str:
