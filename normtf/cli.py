@@ -291,8 +291,8 @@ def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "m
           seed: Seed = DEFAULTS.seed, seeds: Annotated[str, typer.Option(
               help="Seeds of every point, one run each under <runs-dir>/batch-<size>/<norm>/seed-<s>/: a count (3: "
                    "--seed and the next two) or a list (42,43,44).")] = str(defaults.SWEEP_SEEDS),
-          groups: Groups = DEFAULTS.groups, steps_per_execution: SweepStepsPerExecution = None,
-          runs_dir: SweepRunsDir = Path("runs/sweep"),
+          dropout: Dropout = DEFAULTS.dropout, groups: Groups = DEFAULTS.groups,
+          steps_per_execution: SweepStepsPerExecution = None, runs_dir: SweepRunsDir = Path("runs/sweep"),
           out: Annotated[Optional[Path], typer.Option(
               help="The sweep's table as JSON. Default: <runs-dir>/sweep.json (<runs-dir>/<dataset>/sweep.json for "
                    "a dataset other than MNIST); name results/sweep.json only to replace the committed sweep.")] = None,
