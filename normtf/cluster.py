@@ -28,7 +28,7 @@ from pathlib import Path
 
 from normtf.errors import Interrupted, NormtfError, RunLocked, UsageError
 from normtf.files import atomic_write
-from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed, stopped
+from normtf.job import RUNS_PER_GPU, Options, RunSpec, busy, failed, stopped
 from normtf.training import TrainResult
 
 CLIENT_SERVER_LOST = "Starting Ray client server failed"  # Ray's words for it (ray.util.client.server.proxier)
@@ -46,7 +46,7 @@ def _ray(address: str):
     return ray
 
 
-def run(jobs: list[Job], todo: list[int], results: list, address: str, workers: int | None,
+def run(jobs: list[RunSpec], todo: list[int], results: list, address: str, workers: int | None,
         options: Options, display, warn) -> list:
     """Train jobs[i] for i in todo on the Ray cluster at `address` ("local": a throwaway Ray on this
     machine); fill `results` in place and return it. workers: at most that many tasks at once
@@ -208,7 +208,7 @@ def _outcome(result) -> tuple:
     return result.config, result.history, result.metrics
 
 
-def _write_back(job: Job, result, files: dict[str, bytes]):
+def _write_back(job: RunSpec, result, files: dict[str, bytes]):
     """A run trained where the driver's disk is not: its files, written into the driver's run directory."""
     run = job.run
     with run.locked():
@@ -217,7 +217,7 @@ def _write_back(job: Job, result, files: dict[str, bytes]):
     return TrainResult(run, *_outcome(result))
 
 
-def _task(index: int, job: Job, options: Options, threads: int, token: tuple[str, str], events):
+def _task(index: int, job: RunSpec, options: Options, threads: int, token: tuple[str, str], events):
     """One run, in a Ray worker process of its own: ("result", TrainResult) when it trained in the
     driver's runs directory, ("files", TrainResult, {name: bytes}) when it could not see it,
     ("locked", message) or ("error", message)."""

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 from normtf import data
 from normtf.errors import Interrupted, NormtfError, RunLocked
-from normtf.job import RUNS_PER_GPU, Job, Options, busy, failed, stopped
+from normtf.job import RUNS_PER_GPU, Options, RunSpec, busy, failed, stopped
 from normtf.norms import relevant
 
 JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
@@ -54,7 +54,7 @@ def parse_jobs(text: str | int) -> int | None:
     return int(text)
 
 
-def plan(requested: int | None, runs: int, threads: int | None = None, gpus: int = 0) -> int:
+def jobs_at_once(requested: int | None, runs: int, threads: int | None = None, gpus: int = 0) -> int:
     """How many runs train at once. A number asked for is kept (never more than the runs). auto:
     one job per `threads` cores (one thread each by default: per core, single-thread runs train the
     most images per hour), at most RUNS_PER_GPU per GPU where there are GPUs, and no more than the
@@ -76,21 +76,21 @@ def threads_per_job(jobs: int, threads: int | None) -> int:
     return threads or max(1, cores() // jobs)
 
 
-def run(jobs: list[Job], workers: int | None = 1, cluster: str | None = None, options: Options = Options(),
+def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, options: Options = Options(),
         callbacks_for=lambda config: (), show: bool = False, warn=lambda message: None, dataset=None) -> list:
-    """Train (or reuse) every job; results in the jobs' order. workers: how many at once (None:
+    """Train (or reuse) every run; results in the runs' order. jobs: how many at once (None:
     auto); 1 trains in this process, with `callbacks_for(config)`'s Keras callbacks. `show`: the
     progress on the terminal (a bar per epoch for one run at a time, progress.GridProgress for
     several). `dataset`: a dataset's images by name, for runs trained in this process (default:
     loaded once, when a run first needs them; a caller that needs them too passes loader())."""
     from normtf.progress import EpochProgress, GridProgress
 
-    results: list = [None] * len(jobs)
+    results: list = [None] * len(runs)
     dataset = dataset or loader(options.data_dir, warn)
     todo = []
-    for index, job in enumerate(jobs):  # finished runs are reused here, without starting a job
-        if not options.force and job.run.status(relevant(job.config)) == "finished":
-            results[index] = _train_here(job, options, dataset, (), warn)
+    for index, spec in enumerate(runs):  # finished runs are reused here, without starting a job
+        if not options.force and spec.run.status(relevant(spec.config)) == "finished":
+            results[index] = _train_here(spec, options, dataset, (), warn)
         else:
             todo.append(index)
     if not todo:
@@ -99,17 +99,17 @@ def run(jobs: list[Job], workers: int | None = 1, cluster: str | None = None, op
     if cluster is not None:
         from normtf import cluster as ray_cluster
 
-        return ray_cluster.run(jobs, todo, results, cluster, workers, options, display, warn)
+        return ray_cluster.run(runs, todo, results, cluster, jobs, options, display, warn)
     import tensorflow as tf
 
-    count = plan(workers, len(todo), options.threads, len(tf.config.list_physical_devices("GPU")))
+    count = jobs_at_once(jobs, len(todo), options.threads, len(tf.config.list_physical_devices("GPU")))
     if count == 1:
         for index in todo:
-            job = jobs[index]
-            callbacks = [*([EpochProgress(job.label)] if show else []), *callbacks_for(job.config)]
-            results[index] = _train_here(job, options, dataset, callbacks, warn)
+            spec = runs[index]
+            callbacks = [*([EpochProgress(spec.label)] if show else []), *callbacks_for(spec.config)]
+            results[index] = _train_here(spec, options, dataset, callbacks, warn)
         return results
-    return _Pool(jobs, todo, results, count, options, display, warn).run()
+    return _Pool(runs, todo, results, count, options, display, warn).run()
 
 
 def loader(data_dir, warn):
@@ -117,7 +117,7 @@ def loader(data_dir, warn):
     return functools.cache(lambda name: data.load(name, data_dir, warn=warn))
 
 
-def _train_here(job: Job, options: Options, dataset, callbacks, warn):
+def _train_here(job: RunSpec, options: Options, dataset, callbacks, warn):
     from normtf.training import train
 
     try:
@@ -251,7 +251,7 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def give(self, index: int, job: Job) -> None:
+    def give(self, index: int, job: RunSpec) -> None:
         self.current = index
         self.tasks.put((index, job))
 

@@ -1,5 +1,5 @@
 """One run of a grid, as the local pool (normtf.grid) and a Ray cluster (normtf.cluster) both take
-it: its settings and where it goes (Job), how every run of the grid trains (Options), and the result
+it: its settings and where it goes (RunSpec), how every run of the grid trains (Options), and the result
 of a run that ended without one of its own (failed: its process died; busy: another normtf process
 holds it)."""
 
@@ -18,7 +18,7 @@ RUNS_PER_GPU = 4  # small models share a GPU (memory growth on); not measured: n
 
 
 @dataclass(frozen=True)
-class Job:
+class RunSpec:
     """One run of a grid: its settings, where it goes, and what the display calls it."""
     config: TrainConfig
     runs_dir: Path
@@ -48,25 +48,25 @@ def _quiet():
     return quiet
 
 
-def failed(job: Job, reason: str):
+def failed(spec: RunSpec, reason: str):
     """The result of a run that ended without a result of its own (its process died, an error):
     marked failed for the summary; its finished epochs stay on disk for the next command to resume."""
     from normtf.training import TrainResult
 
-    run = job.run
+    run = spec.run
     try:
         history = run.read_history()
     except NormtfError:
         history = []
-    return TrainResult(run, relevant(job.config), history, {"status": "failed", "norm": job.config.norm,
+    return TrainResult(run, relevant(spec.config), history, {"status": "failed", "norm": spec.config.norm,
                                                             "failure": {"reason": reason}})
 
 
-def busy(job: Job, reason: str):
+def busy(spec: RunSpec, reason: str):
     """The result of a run another normtf process holds: it is that process's to train."""
     from normtf.training import TrainResult
 
-    return TrainResult(job.run, relevant(job.config), [], {"status": "busy", "norm": job.config.norm,
+    return TrainResult(spec.run, relevant(spec.config), [], {"status": "busy", "norm": spec.config.norm,
                                                            "reason": reason})
 
 

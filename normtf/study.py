@@ -7,7 +7,7 @@ from pathlib import Path
 from normtf import data
 from normtf import figures
 from normtf import grid
-from normtf.job import Job, Options
+from normtf.job import Options, RunSpec
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError, RunFailed
 from normtf.evaluation import evaluate_file
@@ -25,7 +25,7 @@ def compare(norms: list[str], config: TrainConfig, runs_dir: Path, seeds: list[i
     (normtf.grid). Every run is checked before the first one starts."""
     configs = [preflight(config.replace(norm=norm, seed=seed), runs_dir, bool(seeds), force)
                for norm in norms for seed in seeds or [config.seed]]
-    runs = [Job(c, Path(runs_dir), bool(seeds), f"{c.norm} seed {c.seed}" if seeds else c.norm) for c in configs]
+    runs = [RunSpec(c, Path(runs_dir), bool(seeds), f"{c.norm} seed {c.seed}" if seeds else c.norm) for c in configs]
     options = Options(force=force, tensorboard=tensorboard, data_dir=data_dir)
     return grid.run(runs, jobs, cluster, options, callbacks_for, show, warn)
 

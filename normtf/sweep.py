@@ -20,7 +20,7 @@ from pathlib import Path
 from normtf import data
 from normtf import figures
 from normtf import grid
-from normtf.job import Job, Options
+from normtf.job import Options, RunSpec
 from normtf.config import TrainConfig
 from normtf.errors import UsageError
 from normtf.evaluation import evaluate_file
@@ -64,7 +64,7 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
     for config in sweep_configs(norms, batch_sizes, base, scale_lr, seeds):
         directory = Path(runs_dir) / f"batch-{config.batch_size}"
         per_seed = force or RunDir.for_config(directory, config).status(config) != "finished"
-        planned.append(Job(preflight(config, directory, per_seed, force), directory, per_seed,
+        planned.append(RunSpec(preflight(config, directory, per_seed, force), directory, per_seed,
                                 f"{config.norm} at batch size {config.batch_size}, seed {config.seed}"))
     options = Options(force=force, data_dir=data_dir)
     images = grid.loader(data_dir, warn)  # one load for the runs trained here and the precise statistics

@@ -21,7 +21,7 @@ from normtf import cluster, quiet  # noqa: E402
 from normtf.config import TrainConfig  # noqa: E402
 from normtf.errors import NormtfError  # noqa: E402
 from normtf.evaluation import evaluate_file, load_model  # noqa: E402
-from normtf.job import Job, Options  # noqa: E402
+from normtf.job import Options, RunSpec  # noqa: E402
 from normtf.runs import RunDir  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -217,7 +217,7 @@ def test_a_worker_that_cannot_see_the_runs_dir_sends_the_run_back(tmp_path, data
             self.items.append(item)
 
     config = TrainConfig(norm="group", epochs=1, train_size=256, test_size=200)
-    job = Job(config, tmp_path / "runs", False, "group")
+    job = RunSpec(config, tmp_path / "runs", False, "group")
     events = Events()
     kind, result, files = cluster._task(0, job, Options(), 1, (str(tmp_path / "elsewhere" / cluster.TOKEN), "x"),
                                         events)

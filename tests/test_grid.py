@@ -57,21 +57,21 @@ def epochs_done(run: RunDir) -> int:
 def test_auto_is_one_job_per_core_and_never_more_than_the_runs(monkeypatch):
     monkeypatch.setattr(grid, "cores", lambda: 8)
     monkeypatch.setattr(grid, "available_memory", lambda: None)
-    assert grid.plan(None, runs=15) == 8
-    assert grid.plan(None, runs=5) == 5
-    assert grid.plan(None, runs=1) == 1
-    assert grid.plan(None, runs=15, threads=2) == 4  # normtf --threads 2: a job per two cores
-    assert grid.plan(3, runs=15) == 3 and grid.plan(3, runs=2) == 2  # a number asked for is kept
+    assert grid.jobs_at_once(None, runs=15) == 8
+    assert grid.jobs_at_once(None, runs=5) == 5
+    assert grid.jobs_at_once(None, runs=1) == 1
+    assert grid.jobs_at_once(None, runs=15, threads=2) == 4  # normtf --threads 2: a job per two cores
+    assert grid.jobs_at_once(3, runs=15) == 3 and grid.jobs_at_once(3, runs=2) == 2  # a number asked for is kept
     assert grid.threads_per_job(3, None) == 2 and grid.threads_per_job(8, None) == 1
 
 
 def test_auto_leaves_room_in_memory_and_shares_gpus(monkeypatch):
     monkeypatch.setattr(grid, "cores", lambda: 64)
     monkeypatch.setattr(grid, "available_memory", lambda: 6 * grid.JOB_MEMORY + 1)
-    assert grid.plan(None, runs=63) == 6
+    assert grid.jobs_at_once(None, runs=63) == 6
     monkeypatch.setattr(grid, "available_memory", lambda: None)
-    assert grid.plan(None, runs=63, gpus=1) == RUNS_PER_GPU
-    assert grid.plan(None, runs=63, gpus=2) == 2 * RUNS_PER_GPU
+    assert grid.jobs_at_once(None, runs=63, gpus=1) == RUNS_PER_GPU
+    assert grid.jobs_at_once(None, runs=63, gpus=2) == 2 * RUNS_PER_GPU
 
 
 @pytest.mark.parametrize("args, message", [
