@@ -17,7 +17,7 @@ import typer
 from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
 from normtf.data import DATASETS, DEFAULT as DEFAULT_DATASET
-from normtf.errors import Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
+from normtf.errors import STOP_SIGNALS, Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
 from normtf.norms import NORMS, sweep_defaults
 from normtf.outputs import RUNS, bench_file, figures_dir, sweep_file, writable
 
@@ -49,7 +49,7 @@ _in_command = False  # set while friendly() runs a command: a signal then raises
 
 
 def _on_signal(signum, frame):
-    """Ctrl-C and SIGTERM (a closed session, `kill`, a scheduler's stop) end normtf the same way at
+    """Ctrl-C, SIGTERM (`kill`, a scheduler's stop) and SIGHUP (a closed terminal) end normtf the same way at
     any moment: inside a command as KeyboardInterrupt, which the command turns into one line and
     exit code 130 (training keeps its finished epochs, normtf.training); before a command starts
     or after it has finished (TensorFlow's teardown at exit takes a second or more), with the same
@@ -270,7 +270,8 @@ def compare(ctx: typer.Context, norm: Norms = None,
     writable(runs_dir, "--runs-dir")
     img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
     results = study.compare(norms, config, runs_dir, parse_seeds(seeds, seed), force=force, data_dir=data_dir,
-                            tensorboard=tensorboard, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
+                            tensorboard=tensorboard, warn=warn, show=True, img_dir=img_dir,
+                            **_grid(ctx, jobs, cluster, config))
     console.print(results_table(study.by_norm(results), title="normtf compare"))
     written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
                *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]
@@ -459,9 +460,9 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
 
 
 def main():
-    """The `normtf` command (also `python -m normtf` and `python cli.py`): Ctrl-C and SIGTERM are
-    _on_signal's for the whole process, unless it was started ignoring them."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    """The `normtf` command (also `python -m normtf` and `python cli.py`): Ctrl-C, SIGTERM and SIGHUP
+    are _on_signal's for the whole process, unless it was started ignoring them."""
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _on_signal)
     try:

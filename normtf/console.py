@@ -56,12 +56,14 @@ def results_table(groups: dict[str, list], title: str = "Results") -> Table:
         status = "reused" if all(r.reused for r in group) else "trained"
         if failed:
             status = "; ".join(f"[red]failed[/]: " + (f"loss not finite at epoch {f['epoch']}, step {f['step']}"
-                                                      if "step" in f else escape(f["reason"])) for f in failed)
+                                                      if "step" in f else escape(f.get("short", f["reason"])))
+                               for f in failed)
         elif any(r.metrics.get("status") == "busy" for r in group):
             status = "busy: another normtf process is training it"
         seeds = _seeds([r.config.seed for r in group])
         if not done:
-            table.add_row(norm, f"{group[0].metrics.get('trainable_params', 0):,}", seeds, "-", "-", "-", "-", status)
+            params = group[0].metrics.get("trainable_params")
+            table.add_row(norm, "-" if params is None else f"{params:,}", seeds, "-", "-", "-", "-", status)
             continue
         epochs = ", ".join(str(m["best_epoch"]) for m in done)
         table.add_row(norm, f"{done[0]['trainable_params']:,}", seeds,

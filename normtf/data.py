@@ -327,6 +327,13 @@ def load(name: str = DEFAULT, data_dir: Path | None = None, warn: Callable[[str]
     return Images(name, x_train, y_train, x_test, y_test, directory, origin, checksums)
 
 
+def loader(data_dir: Path | None = None, warn: Callable[[str], None] = lambda message: None) -> Callable[[str], Images]:
+    """load(name, data_dir, warn) by name, each dataset loaded once, when a run first needs it."""
+    import functools
+
+    return functools.cache(lambda name: load(name, data_dir, warn=warn))
+
+
 def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
     """Indices of `size` samples with each class in proportion to the whole (sorted; seeded)."""
     if size is None or size == len(labels):

@@ -10,7 +10,7 @@ from normtf import grid
 from normtf.job import Options, RunSpec
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError, RunFailed
-from normtf.evaluation import evaluate_file
+from normtf.gallery import draw_gallery, gallery_path
 from normtf.norms import color, get_norm
 from normtf.runs import RunDir, dataset_dir
 from normtf.training import TrainResult, preflight
@@ -19,13 +19,17 @@ from normtf.training import TrainResult, preflight
 def compare(norms: list[str], config: TrainConfig, runs_dir: Path, seeds: list[int] | None = None,
             callbacks_for=lambda config: (), force: bool = False, data_dir: Path | None = None,
             tensorboard: bool = False, warn=lambda message: None, jobs: int | None = 1, cluster: str | None = None,
-            show: bool = False) -> list[TrainResult]:
+            show: bool = False, img_dir: Path | None = None) -> list[TrainResult]:
     """Train each variant, once per seed if `seeds`, reusing finished runs with the same settings:
     `jobs` at a time (None: as many as the machine holds), or on the Ray cluster at `cluster`
-    (normtf.grid). Every run is checked before the first one starts."""
+    (normtf.grid). Every run is checked before the first one starts. With `img_dir`, each
+    variant's first run draws its gallery there as soon as it is trained (gallery() draws the rest)."""
     configs = [preflight(config.replace(norm=norm, seed=seed), runs_dir, bool(seeds), force)
                for norm in norms for seed in seeds or [config.seed]]
-    runs = [RunSpec(c, Path(runs_dir), bool(seeds), f"{c.norm} seed {c.seed}" if seeds else c.norm) for c in configs]
+    firsts = {c.norm: c.seed for c in reversed(configs)}
+    runs = [RunSpec(c, Path(runs_dir), bool(seeds), f"{c.norm} seed {c.seed}" if seeds else c.norm,
+                    gallery_path(img_dir, c.norm) if img_dir is not None and firsts[c.norm] == c.seed else None)
+            for c in configs]
     options = Options(force=force, tensorboard=tensorboard, data_dir=data_dir)
     return grid.run(runs, jobs, cluster, options, callbacks_for, show, warn)
 
@@ -112,20 +116,10 @@ def draw_curves(results: list[TrainResult], path: Path) -> Path | None:
 def gallery(results: list[TrainResult], img_dir: Path, count: int = 10, data_dir: Path | None = None,
             warn=lambda message: None) -> list[Path]:
     """For each variant's (first) finished run, the first `count` misclassified test images as a grid,
-    img_dir/misclassified_<variant>.png (at most figures.MAX_GALLERY_IMAGES of them)."""
+    img_dir/misclassified_<variant>.png (at most figures.MAX_GALLERY_IMAGES of them); a run the grid
+    drew right after training it (TrainResult.gallery) is not drawn again."""
     finished = [group[0] for group in by_norm([r for r in results if r.metrics.get("status") == "finished"]).values()]
-    if not finished:
-        return []
-    dataset = data.load(finished[0].config.dataset, data_dir, warn=warn)
-    paths = []
-    for result in finished:
-        evaluation = evaluate_file(result.run.model, dataset, result.config.test_size)
-        wrong = evaluation.misclassified(min(count, figures.MAX_GALLERY_IMAGES))
-        c, total = result.config, evaluation.total - evaluation.correct
-        shown = f"all {total:,}" if len(wrong) == total else f"first {len(wrong):,} of its {total:,}"
-        paths.append(figures.plot_misclassified(
-            evaluation.images[wrong], evaluation.labels[wrong], evaluation.predictions[wrong],
-            evaluation.probabilities[wrong].max(axis=1), Path(img_dir) / f"misclassified_{c.norm}.png",
-            f"{c.norm}, seed {c.seed}: test accuracy {100 * evaluation.accuracy:.2f}%\n"
-            f"{shown} misclassified {dataset.spec.title} test images", dataset.spec.classes))
-    return paths
+    todo = [result for result in finished if result.gallery is None]
+    dataset = data.load(todo[0].config.dataset, data_dir, warn=warn) if todo else None
+    return [result.gallery or draw_gallery(result, dataset, gallery_path(img_dir, result.config.norm), count)
+            for result in finished]

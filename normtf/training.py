@@ -21,7 +21,7 @@ import tensorflow as tf
 from normtf import data
 from normtf import distribute, xla
 from normtf.config import TrainConfig
-from normtf.errors import CorruptFile, Interrupted, NormtfError, UsageError
+from normtf.errors import STOP_SIGNALS, CorruptFile, Interrupted, NormtfError, UsageError
 from normtf.files import atomic_path, write_json
 from normtf.model_files import save_model
 from normtf.models import build_model, trainable_params
@@ -47,6 +47,7 @@ class TrainResult:
     history: list[dict]
     metrics: dict
     reused: bool = False
+    gallery: Path | None = None  # its misclassified test images, where the grid drew them right after training
 
 
 def resolve_device(config: TrainConfig) -> Device:
@@ -224,7 +225,8 @@ def _seed_generators(model):
 
 @contextmanager
 def _interrupts():
-    """Ctrl-C (SIGINT) and SIGTERM (a closed laptop session, `kill`) stop training, surely. Python
+    """Ctrl-C (SIGINT), SIGTERM (`kill`, a container's stop) and SIGHUP (a closed terminal) stop
+    training, surely. Python
     raises the KeyboardInterrupt wherever the main thread happens to be, and inside a finalizer
     (a tf.data iterator's __del__ as an epoch ends) it is printed and dropped: training then ran on
     to its end (seen once in the test suite on a busy machine). So each request is also kept in
@@ -236,7 +238,7 @@ def _interrupts():
         requested.append(signum)
         raise KeyboardInterrupt
     try:
-        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
                     if signal.getsignal(signum) is not signal.SIG_IGN}
     except ValueError:  # not the main thread: leave signals alone
         yield requested
@@ -374,7 +376,7 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
                 kept = (f"the finished run it was replacing is back in {run.path}" if restored else
                         f"{len(history)} of {config.epochs} epochs of {config.norm} are kept in {run.path}; "
                         "run the same command again to resume")
-                raise Interrupted(f"interrupted: {kept}") from None
+                raise Interrupted(f"interrupted: {kept}", keeper.interrupts[0] if keeper.interrupts else None) from None
             if device.jit and isinstance(e, tf.errors.OpError) and "XLA" in str(e):
                 raise NormtfError(_xla_failure(e)) from None
             raise
