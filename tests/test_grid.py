@@ -2,7 +2,6 @@
 line per run in a log, a killed job, Ctrl-C and resume, two commands on one runs directory."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from normtf import grid
 from normtf.job import RUNS_PER_GPU
 from normtf.cli import app
 from normtf.runs import RunDir
+from processes import kill_descendant
 
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200"]
 # Two epochs of 1,500 images: time to stop a run inside epoch 2.
@@ -133,7 +133,7 @@ def test_a_killed_job_fails_its_run_only_and_the_same_command_resumes_it(tmp_pat
     process = start(*args)
     victim, other = RunDir(tmp_path / "group"), RunDir(tmp_path / "layer-c")
     wait_for(lambda: epochs_done(victim) >= 1, process)
-    os.kill(int(victim.lock_file.read_text()), signal.SIGKILL)  # the job's process, as the run's lock names it
+    kill_descendant(int(victim.lock_file.read_text()), process)  # the job's process, as the run's lock names it
     out, err = process.communicate(timeout=300)
     assert process.returncode == 3, err
     assert other.status() == "finished"  # the other job went on
