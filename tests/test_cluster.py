@@ -4,7 +4,6 @@ worker retried, and a worker that does not share the driver's disk sending the r
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,16 +22,29 @@ from normtf.errors import NormtfError  # noqa: E402
 from normtf.evaluation import evaluate_file, load_model  # noqa: E402
 from normtf.job import Options, RunSpec  # noqa: E402
 from normtf.runs import RunDir  # noqa: E402
+from processes import end_session, kill_descendant  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200", "--deterministic"]
 CLIENT = {}  # the head's Ray Client address, ray://127.0.0.1:<port>, and its logs directory
+HEAD = {}  # the head's `ray start --block` process: the Ray workers a test may kill descend from it
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free loopback ports: each held until all are chosen (one chosen and
+    released at a time, two of a head's ports came out the same and Ray refused to start)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +52,41 @@ def head():
     """A one-node Ray cluster of 2 CPUs, its ports chosen free, stopped after the tests. On loopback
     only (Ray otherwise announces the machine's network address; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
     keeps it to 127.0.0.1, as on macOS), with a token of its own (Ray's token authentication, which
-    the driver in the test process's children finds through the same variables)."""
+    the driver in the test process's children finds through the same variables). `ray start --head
+    --block` runs as this test's child in a process session of its own: every process of the head
+    (GCS, raylet, its workers, each of these in a process group of its own) is in that session, so
+    the tests stop that head and nothing else (`ray stop` stops every Ray on the machine, a user's
+    own cluster included): SIGTERM to `ray start`, which drains the node and ends its processes,
+    then SIGKILL to whatever of the session is left, and nothing may be."""
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     token = Path(temp) / "auth_token"
     token.write_text(os.urandom(16).hex())
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    port = free_port()
-    ports = {flag: free_port() for flag in ("--node-manager-port", "--object-manager-port",
-                                            "--ray-client-server-port", "--dashboard-agent-listen-port",
-                                            "--dashboard-agent-grpc-port", "--metrics-export-port",
-                                            "--runtime-env-agent-port")}
-    started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                              "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
-                              *[f"{flag}={value}" for flag, value in ports.items()]],
-                             capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
-    CLIENT.update(address=f"ray://127.0.0.1:{ports['--ray-client-server-port']}",
-                  logs=Path(temp) / "session_latest" / "logs")
+    port, *others = free_ports(8)
+    ports = dict(zip(("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                      "--runtime-env-agent-port"), others))
+    log = Path(temp) / "ray_start.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                                    f"--temp-dir={temp}", *[f"{flag}={value}" for flag, value in ports.items()]],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 180
+        while "block forever" not in log.read_text():  # what `ray start --block` says once the head is up
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        HEAD.update(process=process)
+        CLIENT.update(address=f"ray://127.0.0.1:{ports['--ray-client-server-port']}",
+                      logs=Path(temp) / "session_latest" / "logs")
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        left = end_session(process)
         for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
             os.environ.pop(name, None)
         shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"processes of the test's Ray head outlived it: {left}"
 
 
 def normtf(*args, cwd=None):
@@ -149,7 +172,7 @@ def test_a_lost_ray_worker_is_retried_and_its_run_resumes(head, tmp_path):
     while not (run.history.exists() and run.lock_file.exists() and run.lock_file.read_text().strip()):
         assert time.time() < deadline and process.poll() is None, process.communicate()
         time.sleep(0.05)
-    os.kill(int(run.lock_file.read_text()), signal.SIGKILL)  # the Ray worker training it, in epoch 2
+    kill_descendant(int(run.lock_file.read_text()), HEAD["process"])  # the Ray worker training it, in epoch 2
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     assert [r["epoch"] for r in run.read_history()] == [1, 2]  # resumed, not started over

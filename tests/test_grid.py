@@ -16,6 +16,7 @@ from normtf import grid
 from normtf.job import RUNS_PER_GPU
 from normtf.cli import app
 from normtf.runs import RunDir
+from processes import default_handling, kill_descendant
 
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200"]
 # Two epochs of 1,500 images: time to stop a run inside epoch 2.
@@ -32,7 +33,7 @@ def start(*args):
     """`normtf ...` in the background; SIGINT as a terminal delivers it (see test_interrupt.py)."""
     return subprocess.Popen([sys.executable, "-m", "normtf", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_handling(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 
 
 def wait_for(condition, process, timeout=240):
@@ -146,7 +147,7 @@ def alive(processes) -> list:
 
 def job_training(process, run: RunDir) -> int:
     """The pid of the job training `run`: the pid its lock names, once that is one of the processes
-    this test's `process` started (a pid from a file is only killed when it is ours)."""
+    this test's `process` started (processes.kill_descendant checks it again as it signals)."""
     deadline = time.time() + 240
     while time.time() < deadline:
         try:
@@ -207,7 +208,7 @@ def test_a_signal_to_one_job_fails_its_run_only_and_the_same_command_resumes_it(
     process = start(*args)
     victim = RunDir(tmp_path / "group")
     wait_for(lambda: epochs_done(victim) >= 1, process)
-    os.kill(job_training(process, victim), signum)
+    kill_descendant(job_training(process, victim), process, signum)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 3, err
     said = {signal.SIGTERM: "group: failed: its process was stopped (SIGTERM, not by this command) after 1 of 2 "
