@@ -29,26 +29,13 @@ from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
-from normtf import data
+from normtf import data, machine
 from normtf.errors import STOP_SIGNALS, RunLocked
 from normtf.job import RUNS_PER_GPU, Job, Options, RunSpec, busy, epochs_kept, failed, result_from_dict, stopped
 from normtf.norms import relevant
 
 JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
 STOP_WAIT = 60  # seconds a stopped job has to keep its epochs and exit, before it is killed
-
-
-def cores() -> int:
-    """The cores this process may use (a container's or taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def available_memory() -> int | None:
-    """Bytes of memory free for new processes, where the system says (Linux); else None."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def parse_jobs(text: str | int) -> int | None:
@@ -61,28 +48,24 @@ def parse_jobs(text: str | int) -> int | None:
 def jobs_at_once(requested: int | None, runs: int, threads: int | None = None, gpus: int = 0) -> int:
     """How many runs train at once. A number asked for is kept (never more than the runs). auto:
     one job per `threads` cores (one thread each by default: per core, single-thread runs train the
-    most images per hour), at most RUNS_PER_GPU per GPU where there are GPUs, and no more than the
-    free memory holds at JOB_MEMORY each."""
+    most images per hour; machine.cores: a container's CPU quota too), at most RUNS_PER_GPU per GPU
+    where there are GPUs, and no more than the available memory holds at JOB_MEMORY each
+    (machine.available_memory: a container's memory limit too)."""
     if runs <= 1:
         return 1
     if requested is not None:
         return min(requested, runs)
-    slots = max(1, cores() // (threads or 1))
+    slots = max(1, machine.cores() // (threads or 1))
     if gpus:
         slots = min(slots, gpus * RUNS_PER_GPU)
-    memory = available_memory()
+    memory = machine.available_memory()
     if memory is not None:
         slots = min(slots, max(1, int(memory // JOB_MEMORY)))
     return max(1, min(slots, runs))
 
 
 def threads_per_job(jobs: int, threads: int | None) -> int:
-    return threads or max(1, cores() // jobs)
-
-
-def device_for_slot(slot: int, gpus: int) -> dict:
-    """The environment of job `slot`'s process: on a machine with GPUs, one of them (in turn)."""
-    return {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {}
+    return threads or max(1, machine.cores() // jobs)
 
 
 def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, options: Options = Options(),
@@ -109,9 +92,7 @@ def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, o
         from normtf import cluster as ray_cluster
 
         return ray_cluster.run(runs, todo, results, cluster, jobs, options, display, warn)
-    import tensorflow as tf
-
-    gpus = len(tf.config.list_physical_devices("GPU"))
+    gpus = gpu_count()
     count = jobs_at_once(jobs, len(todo), options.threads, gpus)
     if count == 1:
         for index in todo:
@@ -120,6 +101,13 @@ def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, o
             results[index] = _train_here(spec, options, dataset, callbacks, warn)
         return results
     return _Pool(runs, todo, results, count, gpus, options, display, warn).run()
+
+
+def gpu_count() -> int:
+    """The GPUs TensorFlow sees in this process."""
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
 
 
 def _train_here(spec: RunSpec, options: Options, dataset, callbacks, warn):
@@ -184,7 +172,8 @@ class _Pool:
         """A new job in `slot`, given the next run at once (it reads it once TensorFlow has started)."""
         if not self.pending or self.stopping is not None:
             return
-        job = Job(self.options, self.threads, device_for_slot(slot, self.gpus))
+        device = machine.device_for_slot(slot, os.environ, self.gpus)
+        job = Job(self.options, self.threads, {} if device is None else {"CUDA_VISIBLE_DEVICES": device})
         self.jobs[slot] = job
         self.selector.register(job, selectors.EVENT_READ, slot)
         self._next(job)

@@ -80,6 +80,9 @@ def environment(device: Device, strategy: tf.distribute.Strategy) -> dict:
         "replicas": strategy.num_replicas_in_sync,
         "precision": device.precision,
         "jit_compile": device.jit,
+        # Which GPUs the process was given and whether it shares them (a grid's jobs: normtf.job).
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_memory_growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH") == "true",
         "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),  # 0: one per core
                     "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
         "python": platform.python_version(),

@@ -2,7 +2,6 @@
 line per run in a log, a killed job, Ctrl-C and resume, two commands on one runs directory."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from normtf import grid
+from normtf import grid, machine
 from normtf.job import RUNS_PER_GPU
 from normtf.cli import app
 from normtf.runs import RunDir
@@ -56,8 +55,8 @@ def epochs_done(run: RunDir) -> int:
 # --- how many at once -------------------------------------------------------------------------
 
 def test_auto_is_one_job_per_core_and_never_more_than_the_runs(monkeypatch):
-    monkeypatch.setattr(grid, "cores", lambda: 8)
-    monkeypatch.setattr(grid, "available_memory", lambda: None)
+    monkeypatch.setattr(machine, "cores", lambda: 8)
+    monkeypatch.setattr(machine, "available_memory", lambda: None)
     assert grid.jobs_at_once(None, runs=15) == 8
     assert grid.jobs_at_once(None, runs=5) == 5
     assert grid.jobs_at_once(None, runs=1) == 1
@@ -67,10 +66,10 @@ def test_auto_is_one_job_per_core_and_never_more_than_the_runs(monkeypatch):
 
 
 def test_auto_leaves_room_in_memory_and_shares_gpus(monkeypatch):
-    monkeypatch.setattr(grid, "cores", lambda: 64)
-    monkeypatch.setattr(grid, "available_memory", lambda: 6 * grid.JOB_MEMORY + 1)
+    monkeypatch.setattr(machine, "cores", lambda: 64)
+    monkeypatch.setattr(machine, "available_memory", lambda: 6 * grid.JOB_MEMORY + 1)
     assert grid.jobs_at_once(None, runs=63) == 6
-    monkeypatch.setattr(grid, "available_memory", lambda: None)
+    monkeypatch.setattr(machine, "available_memory", lambda: None)
     assert grid.jobs_at_once(None, runs=63, gpus=1) == RUNS_PER_GPU
     assert grid.jobs_at_once(None, runs=63, gpus=2) == 2 * RUNS_PER_GPU
 
@@ -102,6 +101,25 @@ def test_two_jobs_train_both_runs_with_a_line_each_in_a_log(tmp_path):
     config = json.loads((tmp_path / "runs" / "group" / "config.json").read_text())
     assert config["environment"]["threads"] == {"intra_op": 1, "inter_op": 1}  # 2 cores shared by 2 jobs
     # (A second command reuses them without a job: the slow test of two commands checks it.)
+
+
+@pytest.mark.slow
+def test_each_job_sees_one_of_the_gpus_left_visible_with_memory_growth(tmp_path, monkeypatch):
+    """--jobs on a machine with two GPUs of which the user left cards 2 and 3 visible: job 0 trains on
+    card 2 and job 1 on card 3 (never 0 and 1, perhaps someone else's), each sharing its card (memory
+    growth on), as each run's config.json records. The GPUs are pretended (this machine has none:
+    the runs train on its CPU), what each job is given is real."""
+    from normtf.config import TrainConfig
+    from normtf.job import Options, RunSpec
+
+    monkeypatch.setattr(grid, "gpu_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    config = TrainConfig(norm="group", epochs=1, train_size=256, test_size=100)
+    runs = [RunSpec(config.replace(seed=seed), tmp_path, True, f"seed {seed}") for seed in (1, 2)]
+    results = grid.run(runs, jobs=2, options=Options(threads=1))
+    environments = [json.loads(r.run.config.read_text())["environment"] for r in results]
+    assert sorted(e["cuda_visible_devices"] for e in environments) == ["2", "3"]
+    assert all(e["gpu_memory_growth"] for e in environments)
 
 
 @pytest.mark.slow
