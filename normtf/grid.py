@@ -32,7 +32,7 @@ from pathlib import Path
 from normtf import data, machine
 from normtf.errors import STOP_SIGNALS, RunLocked
 from normtf.job import RUNS_PER_GPU, Job, Options, RunSpec, busy, epochs_kept, failed, result_from_dict, stopped
-from normtf.norms import relevant
+from normtf.norms import get_norm, relevant
 
 JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
 STOP_WAIT = 60  # seconds a stopped job has to keep its epochs and exit, before it is killed
@@ -103,6 +103,13 @@ def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, o
     return _Pool(runs, todo, results, count, gpus, options, display, warn).run()
 
 
+def length(spec: RunSpec) -> float:
+    """A run's expected training time, in batch norm's steps: its steps times its variant's cost."""
+    config = spec.config
+    images = config.train_size or 60_000  # both datasets' training sets
+    return config.epochs * -(-images // config.batch_size) * get_norm(config.norm).cost
+
+
 def gpu_count() -> int:
     """The GPUs TensorFlow sees in this process."""
     import tensorflow as tf
@@ -138,7 +145,9 @@ class _Pool:
     kills them at once."""
 
     def __init__(self, runs, todo, results, count, gpus, options, display, warn):
-        self.runs, self.pending, self.results = runs, deque(todo), results
+        # The longest runs first: the last ones then end close together, instead of one long run
+        # training alone at the end while the other jobs have nothing left.
+        self.runs, self.pending, self.results = runs, deque(sorted(todo, key=lambda i: -length(runs[i]))), results
         self.count, self.gpus, self.options, self.display, self.warn = count, gpus, options, display, warn
         self.threads = threads_per_job(count, options.threads)
         self.jobs: dict[int, Job] = {}  # slot -> its job
