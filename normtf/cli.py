@@ -468,8 +468,8 @@ def report(runs_dir: Annotated[Path, typer.Option(help=(
                "page."), show_default=False)] = None,
            count: Annotated[int, typer.Option(help="Misclassified test images shown per variant.")] = 10,
            data_dir: DataDir = None):
-    """One HTML page of a runs directory: results tables, curves, misclassified images, the sweep and each
-    run's provenance. Built from the files (it trains nothing); opens offline, every script and image inside."""
+    """One HTML page of a runs directory. Results tables, curves, misclassified images, the sweep and each run's
+    provenance, from its files (it trains nothing); it opens offline, every script and image inside."""
     from normtf import report as reports
     from normtf.console import console, warn
 

@@ -110,8 +110,11 @@ def read_run(path: Path, norm: str) -> Run:
         elif not isinstance(metrics, dict):
             run.problems.append("metrics.json does not hold a run's metrics")
         else:
-            if "final_test_accuracy" not in metrics and run.history and metrics.get("status", "finished") == "finished":
-                metrics = {**summarize(run.history), **metrics}  # an older normtf wrote fewer metrics
+            if run.history and metrics.get("status", "finished") == "finished":
+                try:  # what an older normtf did not write, from the epochs
+                    metrics = {**summarize(run.history), **metrics}
+                except (KeyError, TypeError, ValueError):
+                    pass
             run.metrics = metrics
             if metrics.get("status") not in (None, "finished"):
                 reason = (metrics.get("failure") or {}).get("reason", "")
@@ -200,7 +203,8 @@ class Row:
         return [self.norm, self.recipe_label, f"{params:,}" if isinstance(params, int) else "–",
                 ", ".join(map(str, self.seeds)), f"{statistics.fmean(finals):.2f}{spread}",
                 ", ".join(f"{v:.2f}" for v in finals),
-                f"{statistics.fmean(100 * r.metrics['best_test_accuracy'] for r in self.runs):.2f}"]
+                f"{statistics.fmean(100 * r.metrics['best_test_accuracy'] for r in self.runs):.2f}"
+                if all("best_test_accuracy" in r.metrics for r in self.runs) else "–"]
 
 
 def rows(study: Study) -> list[Row]:
@@ -590,10 +594,6 @@ class Report:
 
 def build(root: Path, out: Path, count: int = 10, data_dir: Path | None = None, warn=lambda message: None) -> Report:
     """Write the page for everything under `root` to `out`: a NormtfError if there is nothing to show."""
-    from bokeh.embed import components
-    from bokeh.embed.bundle import bundle_for_objs_and_resources
-    from bokeh.resources import INLINE
-
     root = Path(root)
     if not root.is_dir():
         raise NormtfError(f"--runs-dir {root} is not a directory; name the directory your runs are in (default: runs)")
@@ -652,6 +652,10 @@ def build(root: Path, out: Path, count: int = 10, data_dir: Path | None = None, 
     if tuning:
         toc.append('<li><a href="#tuning">Tuning study</a></li>')
         sections.append(tuning)
+
+    from bokeh.embed import components
+    from bokeh.embed.bundle import bundle_for_objs_and_resources
+    from bokeh.resources import INLINE
 
     script, divs = components(models) if models else ("", ())
     resources = "".join(bundle_for_objs_and_resources(models, INLINE)) if models else ""
