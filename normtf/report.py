@@ -349,14 +349,13 @@ def curves_plots(study: Study):
             items[norm] += [band, line, dots]
             lines.append(dots)
         unit = "{0.00}" if percent else "{0.0000}"
-        seeds = " (each seed: @each)" if any(len(g) > 1 for g in runs.values()) else ""
+        several = any(len(g) > 1 for g in runs.values())
         if not percent:
             plot.yaxis.ticker = FixedTicker(ticks=log_ticks(*_span(runs, key)))
-        plot.add_tools(HoverTool(renderers=lines, tooltips=[
-            ("variant", "@variant"), ("epoch", "@epoch"),
-            ("mean" if seeds else "value", f"@mean{unit}" + (f"  lowest @low{unit}, highest @high{unit}{seeds}" if seeds else ""))]))
+        plot.add_tools(HoverTool(renderers=lines, tooltips=[("variant", "@variant"), ("epoch", "@epoch")] + (
+            [("mean", f"@mean{unit}"), ("seeds' range", f"@low{unit} to @high{unit}"), ("each seed", "@each")]
+            if several else [("value", f"@mean{unit}")])))
         figures.append(plot)
-    several = any(len(group) > 1 for group in runs.values())
     legend = Legend(items=[LegendItem(label=f"{norm} ({len(runs[norm])} seed{'s' if len(runs[norm]) > 1 else ''})"
                                       + (f": ends at {finals[norm]:.2f}%, starts hidden" if norm in hidden else ""),
                                       renderers=items[norm]) for norm in runs],
@@ -415,9 +414,9 @@ def sweep_plot(summary: dict, points: dict, measures: list[str]):
             dots.append(renderers[1])
             several = sum(1 for x in measures if any((norm, s, x) in points for s in sizes)) > 1
             items.append(LegendItem(label=f"{norm}, {measure_name(measure)}" if several else norm, renderers=renderers))
-    plot.add_tools(HoverTool(renderers=dots, tooltips=[("", "@name"), ("batch size", "@batch"),
-                                                       ("test error", "@mean{0.00}% ± @std{0.00} (lowest @low{0.00}, highest @high{0.00})"),
-                                                       ("each seed", "@each")]))
+    plot.add_tools(HoverTool(renderers=dots, tooltips=[
+        ("", "@name"), ("batch size", "@batch"), ("test error (%)", "@mean{0.00} ± @std{0.00}"),
+        ("seeds' range", "@low{0.00} to @high{0.00}"), ("each seed", "@each")]))
     plot.add_layout(Legend(items=items, click_policy="hide", title="click to hide or show"), "right")
     return plot
 

@@ -222,6 +222,18 @@ def test_a_sweep_alone_is_a_page_and_a_tuning_study_is_named(tmp_path):
            f"--batch-sizes 2,4,8,16,32,64,128 --out {tmp_path / 'sweep.json'}" in page
 
 
+def test_a_run_off_its_recipe_gets_the_flags_that_reproduce_it(tmp_path):
+    run = copy_run(RESULTS / "tuned" / "group" / "seed-42", tmp_path / "runs" / "group")  # normtf train's place
+    record = json.loads((run / "config.json").read_text())
+    record["config"].update(epochs=2, train_size=1000, seed=7)
+    (run / "config.json").write_text(json.dumps(record))
+    study = report.find_studies(tmp_path / "runs")[0]
+    table = report.rows(study)
+    assert [row.cells()[:4] for row in table] == [["group", "tuned --epochs 2 --train-size 1000", "9,910", "7"]]
+    assert report.commands(study, table) == [
+        f"normtf compare --norm group --recipe tuned --epochs 2 --train-size 1000 --seed 7 --runs-dir {tmp_path / 'runs'}"]
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--runs-dir", "{tmp}/empty"], 1, "error: no runs in {tmp}/empty: nothing to report; train first"),
     (["--runs-dir", "{tmp}/none"], 1, "error: --runs-dir {tmp}/none is not a directory"),
