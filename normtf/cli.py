@@ -19,7 +19,7 @@ from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes
 from normtf.data import DATASETS, DEFAULT as DEFAULT_DATASET
 from normtf.errors import STOP_SIGNALS, Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
 from normtf.norms import NORMS, sweep_defaults
-from normtf.outputs import RUNS, bench_file, figures_dir, sweep_file, writable
+from normtf.outputs import RUNS, bench_file, figures_dir, report_file, sweep_file, writable
 
 app = typer.Typer(help="normtf: batch, layer and group normalization in a small CNN on MNIST or Fashion-MNIST, measured and drawn.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -457,6 +457,32 @@ def bench(norm: Norms = None, quick: Annotated[bool, typer.Option("--quick", hel
                            against=against)
     console.print(format_table(result))
     console.print(f"wrote {out}")
+
+
+@app.command()
+@friendly(tensorflow=False)  # TensorFlow starts only if there is a model to evaluate
+def report(runs_dir: Annotated[Path, typer.Option(help=(
+               "The directory to show: every run under it, at any depth (<dir>/<norm>/, <dir>/<norm>/seed-<s>/, "
+               "<dir>/<dataset>/<norm>/...), every sweep.json; e.g. results for the committed study."))] = RUNS,
+           out: Annotated[Optional[Path], typer.Option(help=(
+               "The page. Default: <runs-dir>/report.html; name docs/report.html only to replace the committed "
+               "page."), show_default=False)] = None,
+           count: Annotated[int, typer.Option(help="Misclassified test images shown per variant.")] = 10,
+           data_dir: DataDir = None):
+    """One HTML page of a runs directory. Results tables, curves, misclassified images, the sweep and each run's
+    provenance, from its files (it trains nothing); it opens offline, every script and image inside."""
+    from normtf import report as reports
+    from normtf.console import console, warn
+
+    out = report_file(out, runs_dir)
+    if out.is_dir():
+        raise NormtfError(f"--out {out} is a directory; name the page's file, e.g. {out / 'report.html'}")
+    writable(out.parent, "--out")
+    page = reports.build(runs_dir, out, count, data_dir, warn)
+    console.print(f"wrote {out} ({page.size / 1e6:.1f} MB): {sum(len(s.runs) for s in page.studies)} runs in "
+                  f"{len(page.studies)} director{'ies' if len(page.studies) != 1 else 'y'}, {len(page.sweeps)} sweep{'s' if len(page.sweeps) != 1 else ''}"
+                  + (f"; {len(page.problems)} could not be read whole, named in the page" if page.problems else ""),
+                  highlight=False)
 
 
 def main():

@@ -31,6 +31,11 @@ def sweep_file(out: Path | None, runs_dir: Path | str, dataset: str) -> Path:
     return Path(out) if out is not None else dataset_dir(runs_dir, dataset) / "sweep.json"
 
 
+def report_file(out: Path | None, runs_dir: Path | str) -> Path:
+    """--out, else report.html beside the runs it shows."""
+    return Path(out) if out is not None else Path(runs_dir) / "report.html"
+
+
 def bench_file(out: Path | None, against: str) -> Path:
     """--out, else runs/bench.json (runs/bench-<against>.json for --against keras-…)."""
     if out is not None:
