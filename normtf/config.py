@@ -27,6 +27,7 @@ class TrainConfig:
     seed: int = 42
     train_size: int | None = None
     test_size: int | None = None
+    validation: int | None = None  # training images held out to measure the run on, instead of the test set (normtf tune)
     precision: str = "auto"
     jit: str = "auto"
     deterministic: bool = False
@@ -41,6 +42,12 @@ class TrainConfig:
             raise UsageError(f"--batch-size {self.batch_size} is more than the {self.train_size:,} training images "
                              "of --train-size")
         return self
+
+    @property
+    def evaluated_on(self) -> str:
+        """What the run is measured on after each epoch: "validation", its validation split (carved from
+        the training set, data.validation_split), if it has one; else "test", the test set."""
+        return "validation" if self.validation else "test"
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -102,6 +109,7 @@ RULES = {
     "seed": (_whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED:,}"),
     "train_size": (_whole(1), "a whole number, at least 1"),
     "test_size": (_whole(1), "a whole number, at least 1"),
+    "validation": (_whole(1), "a whole number, at least 1"),
     "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "jit": (lambda v: v in JIT_MODES, f"one of {', '.join(JIT_MODES)}"),
