@@ -18,7 +18,7 @@ from normtf import config as defaults
 from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
 from normtf.data import DATASETS, DEFAULT as DEFAULT_DATASET
 from normtf.errors import Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
-from normtf.norms import NORMS, sweep_defaults
+from normtf.norms import NORMS, get_norm, sweep_defaults, tune_defaults
 from normtf.outputs import RUNS, bench_file, figures_dir, sweep_file, writable
 
 app = typer.Typer(help="normtf: batch, layer and group normalization in a small CNN on MNIST or Fashion-MNIST, measured and drawn.",
@@ -332,6 +332,50 @@ def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "m
     if busy:
         raise NormtfError(f"{len(busy)} of {len(rows)} runs were being trained by another normtf process: "
                           f"{', '.join(busy)}; run the same command again once it has finished")
+
+
+@app.command()
+@friendly()
+def tune(ctx: typer.Context,
+         norm: Annotated[Optional[list[str]], typer.Option(
+             "--norm", metavar="VARIANT", help=f"Variant to tune (repeat for several). Default: the {len(tune_defaults())} "
+                                               f"that learn, {', '.join(tune_defaults())}. {NORM_HELP}.")] = None,
+         dataset: DatasetName = "mnist",
+         trials: Annotated[int, typer.Option(help="Trials per variant: recipes tried, one run each. A tuning run "
+                                                  "again with more goes on from where it is.")] = defaults.TUNE_TRIALS,
+         epochs: Annotated[int, typer.Option(help="Training epochs of each trial.")] = defaults.TUNE_EPOCHS,
+         train_size: Annotated[Optional[int], typer.Option(
+             help="Train each trial on a seeded class-stratified subset of N of the training images the validation "
+                  "split leaves. Default: all of them.")] = None,
+         validation: Annotated[int, typer.Option(
+             help="Training images held out to measure every trial on (stratified by class, always the same ones); "
+                  "the test set is not used.")] = defaults.TUNE_VALIDATION,
+         seed: Annotated[int, typer.Option(help="The seed of every trial's run and of the search.")] = DEFAULTS.seed,
+         deterministic: Deterministic = False,
+         runs_dir: Annotated[Path, typer.Option("--runs-dir", help=(
+             "Where the tuning goes: its database tune.db (an Optuna study per variant), tune.json, and the trials in "
+             "trial-<n>/<norm>/ (<runs-dir>/<dataset>/tune.db and trial-<n>/<dataset>/<norm>/ for a dataset other "
+             "than MNIST)."))] = Path("runs/tune"),
+         img_dir: ImgDir = None, data_dir: DataDir = None, jobs: Jobs = "auto", cluster: Cluster = None):
+    """Tune each variant's own recipe on a validation split. Learning rate, schedule, dropout and L1 (Optuna's
+    TPE sampler), each trial a run; run the same command again to go on after a stop."""
+    from normtf import tune as tuning
+    from normtf.console import console, tuning_table, warn
+    from normtf.job import Options
+
+    norms = list(dict.fromkeys(norm or tune_defaults()))
+    for name in norms:
+        get_norm(name)  # an unknown variant: one line, like every other value
+    config = _config(ctx, locals(), norm=norms[0])
+    writable(runs_dir, "--runs-dir")
+    img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
+    summary, unfinished = tuning.tune(norms, config, trials, runs_dir, Options(data_dir=data_dir), show=True,
+                                      warn=warn, say=lambda line: console.print(line, highlight=False, soft_wrap=True),
+                                      **_grid(ctx, jobs, cluster, config))
+    console.print(tuning_table(summary))
+    figure = tuning.draw(summary, Path(img_dir) / tuning.FIGURE)
+    console.print(f"wrote {tuning.database(runs_dir, dataset).with_name(tuning.SUMMARY)} and {figure}")
+    tuning.raise_if_unfinished(unfinished)
 
 
 @app.command()

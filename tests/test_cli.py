@@ -31,7 +31,8 @@ def test_help_lists_the_commands_without_installing():
     out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "80"})
     listed = {line.split()[0]: line for line in out.stdout.split("Commands:")[1].strip().splitlines()}
-    assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "bench"}
+    assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "tune",
+                           "bench"}
     assert not [line for line in listed.values() if line.endswith("...")]  # no description cut short
     assert out.stderr == ""
 

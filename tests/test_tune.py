@@ -1,15 +1,67 @@
 """normtf tune: the validation split (disjoint from the images a run fits, the same whatever the
-run's seed, the test set untouched)."""
+run's seed, the test set untouched), each variant's search in rounds (reproducible from the seed
+whatever --jobs, interruptions or how --trials grew), its table, JSON and figure, and every bad
+input in one line and exit 2 with nothing lost."""
 
+import contextlib
+import hashlib
 import json
+import math
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from normtf import data
+from normtf import data, grid, quiet, tune
+from normtf.cli import app
 from normtf.config import TrainConfig
+from normtf.errors import Interrupted, RunFailed
 from normtf.runs import RunDir, history_keys
-from normtf.training import train
+from normtf.training import TrainResult, train
+
+TINY = ["--epochs", "1", "--train-size", "256", "--validation", "500"]
+
+
+def normtf(*args, **kwargs):
+    """`normtf ...` as a user runs it, its output piped (not a terminal)."""
+    return subprocess.run([sys.executable, "-m", "normtf", *map(str, args)], capture_output=True, text=True,
+                          timeout=900, **kwargs)
+
+
+def start(*args):
+    """`normtf ...` in the background; SIGINT as a terminal delivers it (see test_interrupt.py)."""
+    return subprocess.Popen([sys.executable, "-m", "normtf", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def snapshot(directory):
+    """Every file and directory under `directory`, with the SHA-256 of each file."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
+def trials_of(database, norm):
+    """A variant's trials as the database holds them: (number, state, params, value), read with sqlite3
+    (a reader beside the tuning, as another program would read it)."""
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute(
+            "SELECT t.number, t.state, v.value FROM trials t JOIN studies s ON s.study_id = t.study_id "
+            "LEFT JOIN trial_values v ON v.trial_id = t.trial_id WHERE s.study_name = ? ORDER BY t.number",
+            (norm,)).fetchall()
+        params = connection.execute(
+            "SELECT t.number, p.param_name, p.param_value FROM trial_params p JOIN trials t ON t.trial_id = p.trial_id "
+            "JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = ? ORDER BY t.number, p.param_name",
+            (norm,)).fetchall()
+    return [(number, state, {name: value for n, name, value in params if n == number}, value)
+            for number, state, value in rows]
 
 
 # --- the validation split ------------------------------------------------------------------------
@@ -71,3 +123,292 @@ def validation_runs(seeds, dataset, tmp_path, monkeypatch):
     for x in fitted:
         np.testing.assert_array_equal(x, dataset.x_train[train_idx])  # none of them held out
     assert len(measured) == len(fitted) == len(seeds)
+
+
+# --- rounds, resume and reproducibility, with the grid's results computed from the recipe -----------
+
+def fake_grid(calls):
+    """grid.run for a tuning without training: each trial's validation accuracy a function of its
+    recipe (a peak at lr 0.05), a learning rate above 0.6 diverging. `calls` records each round's runs."""
+    def run(runs, jobs=1, cluster=None, options=None, callbacks_for=None, show=False, warn=None, dataset=None):
+        calls.append([spec.label for spec in runs])
+        results = []
+        for spec in runs:
+            c = spec.config
+            if c.lr > 0.6:
+                metrics = {"status": "failed", "failure": {"epoch": 1, "step": 2, "reason": "loss became nan"}}
+            else:
+                metrics = {"status": "finished", "final_validation_accuracy": 0.99 - 0.02 * abs(math.log10(c.lr / 0.05))
+                           - 0.05 * c.dropout + 0.003 * (c.schedule == "one-cycle")}
+            results.append(TrainResult(spec.run, c, [], metrics))
+        return results
+    return run
+
+
+BASE = TrainConfig(epochs=1, train_size=256, validation=500)
+NORMS = ["group", "batch-l1"]
+
+
+def study(runs_dir):
+    database = tune.database(runs_dir, "mnist")
+    return {norm: trials_of(database, norm) for norm in NORMS}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Ten trials of two variants in one go: the study every other way of getting there must equal."""
+    runs = tmp_path_factory.mktemp("straight")
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grid, "run", fake_grid(calls))
+        summary, unfinished = tune.tune(NORMS, BASE, 10, runs)
+    return runs, calls, summary, unfinished
+
+
+def test_trials_go_in_rounds_of_every_variant_and_are_told_in_order(straight):
+    runs, calls, summary, unfinished = straight
+    assert not unfinished
+    assert [len(call) for call in calls] == [8, 8, 4]  # rounds of 4 trials of each variant: 4 + 4 + 2 each
+    assert calls[0] == [f"{norm} trial {n}" for norm in NORMS for n in range(4)]
+    trials = study(runs)
+    for norm in NORMS:
+        assert [t[0] for t in trials[norm]] == list(range(10))
+        assert {t[1] for t in trials[norm]} <= {"COMPLETE", "PRUNED"}
+        # diverged trials are told as pruned, without a value
+        assert all((t[1] == "PRUNED") == (t[2]["lr"] > 0.6) and (t[3] is None) == (t[1] == "PRUNED") for t in trials[norm])
+    best = summary["variants"]["group"]["best"]
+    assert best["validation_accuracy"] == max(t[3] for t in trials["group"] if t[3] is not None)
+    assert best["run"] == f"trial-{best['number']}/group"
+    # the first, random trials of every variant try the same learning rates (a shared random start)
+    assert [t[2]["lr"] for t in trials["group"][:tune.STARTUP]] == [t[2]["lr"] for t in trials["batch-l1"][:tune.STARTUP]]
+    assert "l1" in trials["batch-l1"][0][2] and "l1" not in trials["group"][0][2]
+    assert json.loads((runs / "tune.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_the_study_is_the_same_after_an_interrupted_round_a_kill_while_asking_and_more_trials_later(
+        straight, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    calls = []
+    fake = fake_grid(calls)
+
+    def interrupted(*args, **kwargs):  # the grid stopped by Ctrl-C in round 2: its trials asked, none told
+        if len(calls) == 1:
+            calls.append("interrupted")
+            raise Interrupted("interrupted")
+        return fake(*args, **kwargs)
+    monkeypatch.setattr(grid, "run", interrupted)
+    with pytest.raises(Interrupted):
+        tune.tune(NORMS, BASE, 5, runs)  # five first (rounds of 4 and 1): the same study once it has ten
+    assert [t[0] for t in study(runs)["group"] if t[1] == "RUNNING"] == [4]
+    tune.tune(NORMS, BASE, 5, runs)
+    assert calls[-1] == ["group trial 4", "batch-l1 trial 4"]  # asked before, trained now with its recipe
+
+    real_ask, asked_now = tune._ask, []
+
+    def killed(study_, norm, number, seed):  # the process dies between two asks of a round
+        if len(asked_now) == 2:
+            raise KeyboardInterrupt
+        asked_now.append(number)
+        return real_ask(study_, norm, number, seed)
+    monkeypatch.setattr(grid, "run", fake)
+    monkeypatch.setattr(tune, "_ask", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune(NORMS, BASE, 10, runs)
+    monkeypatch.setattr(tune, "_ask", real_ask)
+    summary, unfinished = tune.tune(NORMS, BASE, 10, runs)
+    assert not unfinished and study(runs) == study(straight[0])  # every trial, recipe and value the same
+    assert summary["variants"] == straight[2]["variants"]
+    again = len(calls)
+    tune.tune(NORMS, BASE, 10, runs)
+    assert len(calls) == again  # told in full: nothing to train, nothing asked
+
+
+def test_a_trial_whose_process_died_stays_asked_and_no_later_round_is_asked(tmp_path, monkeypatch):
+    calls = []
+    fake = fake_grid(calls)
+
+    def died(runs, *args, **kwargs):
+        results = fake(runs, *args, **kwargs)
+        results[1] = TrainResult(runs[1].run, runs[1].config, [], {"status": "failed", "failure": {
+            "reason": "its process ended (killed by SIGKILL) during training"}})
+        return results
+    monkeypatch.setattr(grid, "run", died)
+    summary, unfinished = tune.tune(["group"], BASE, 8, tmp_path)
+    assert [r.config.norm for r in unfinished] == ["group"] and len(calls) == 1  # no second round asked
+    states = [t[1] for t in trials_of(tune.database(tmp_path, "mnist"), "group")]
+    assert len(states) == 4 and states[1] == "RUNNING" and "RUNNING" not in states[:1] + states[2:]
+    assert [row["state"] for row in summary["variants"]["group"]["trials"]][1] == "asked"
+    with pytest.raises(RunFailed, match="1 trials did not finish: .*trial-1/group .*run the same command again"):
+        tune.raise_if_unfinished(unfinished)
+    monkeypatch.setattr(grid, "run", fake)
+    tune.tune(["group"], BASE, 8, tmp_path)
+    assert calls[1] == ["group trial 1"] and len(trials_of(tune.database(tmp_path, "mnist"), "group")) == 8
+
+
+# --- through the command -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny tuning of two variants through the command: a trial each, one epoch of 256 images,
+    measured on 500 held out."""
+    runs = tmp_path_factory.mktemp("tuned") / "tune"
+    result = CliRunner().invoke(app, ["tune", "--norm", "group", "--norm", "batch-l1", "--trials", "1", *TINY,
+                                      "--jobs", "1", "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    return runs, result.output
+
+
+def test_tune_prints_a_line_per_trial_then_the_best_recipe_of_each_variant(tuned):
+    runs, output = tuned
+    lines = output.splitlines()
+    assert lines[0].startswith("tuning group, batch-l1: 1 trials each, 1 epoch of 256 training images, measured on "
+                               "500 held out; database ")
+    summary = json.loads((runs / "tune.json").read_text())
+    for norm in ("group", "batch-l1"):
+        for row in summary["variants"][norm]["trials"]:
+            assert f"{norm} trial {row['number']}: {tune.recipe_text(row['params'])}" in lines
+            assert any(line.startswith(f"{norm} trial {row['number']} epoch  1/1  train loss") and "validation loss" in line
+                       for line in lines)  # the grid's line per epoch, naming what it measured
+            run = RunDir(runs / row["run"])
+            config = run.stored_config()
+            assert (config.lr, config.schedule, config.dropout, config.validation) == (
+                row["params"]["lr"], row["params"]["schedule"], row["params"]["dropout"], 500)
+            assert run.read_metrics()["final_validation_accuracy"] == row["validation_accuracy"]
+        best = summary["variants"][norm]["best"]
+        table = lines[next(i for i, line in enumerate(lines) if line.startswith("Best recipe per variant")):]
+        row = next(line for line in table if line.startswith(f"{norm} "))
+        assert f"{100 * best['validation_accuracy']:.2f}%" in row and f"{best['params']['lr']:.3g}" in row
+    assert "L1" in output and "Optuna" not in output and "[I " not in output  # no Optuna log lines
+    assert (runs / "img" / tune.FIGURE).stat().st_size > 10_000
+    assert not list(runs.glob(".*lock"))  # the database's lock goes with the command
+
+
+def test_the_same_tune_again_trains_nothing(tuned, tmp_path):
+    runs = shutil.copytree(tuned[0], tmp_path / "tune")
+    before = trials_of(runs / "tune.db", "group")
+    again = CliRunner().invoke(app, ["tune", "--norm", "group", "--norm", "batch-l1", "--trials", "1", *TINY,
+                                     "--jobs", "1", "--runs-dir", str(runs)])
+    assert again.exit_code == 0, again.output
+    assert again.output.splitlines()[1].startswith("Best recipe per variant")  # no trial asked, none trained
+    assert trials_of(runs / "tune.db", "group") == before
+
+
+# --- bad input: one line, exit 2, nothing lost ------------------------------------------------------
+
+def small_training_set(dataset, directory):
+    """600 training images (the first of MNIST's), valid IDX files."""
+    from conftest import small_idx_dir
+
+    return small_idx_dir(dataset, directory)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "--trials must be a whole number from 1 to 10,000 (got 0)"),
+    (["--norm", "weight"], "unknown norm 'weight'; choose one of: batch-l1, batch, layer, group"),
+    (["--validation", "60000"], "--validation 60,000 leaves none of the 60,000 training images to train on; hold out fewer"),
+    (["--validation", "50000", "--train-size", "20000"],
+     "--train-size 20,000 is more than the 10,000 training images --validation 50,000 leaves"),
+    (["--data-dir", "SMALL", "--validation", "10000"],
+     "--validation 10,000 leaves none of the 600 training images to train on; hold out fewer"),
+    (["--data-dir", "SMALL", "--validation", "5", "--train-size", "200"],
+     "--validation 5: these 600 training images cannot be split by class: the validation split would have no image "
+     "of class"),
+    (["--epochs", "2"], "holds a tuning of other settings (epochs 1 there, 2 here); use its flags, or tune into another "
+                        "--runs-dir"),
+    (["--seed", "43", "--validation", "400"], "(seed 42 there, 43 here; validation 500 there, 400 here)"),
+    (["--deterministic"], "(deterministic False there, True here)"),
+    (["--dataset", "fashion-mnist"], "(dataset mnist there, fashion-mnist here)"),
+    (["SPACE"], "(search space of lr [0.001, 1.0, 'log'] there, [0.01, 1.0, 'log'] here)"),
+    (["CORRUPT"], "tune.db is not a tuning database normtf can read (file is not a database); move it away to start a "
+                  "new tuning, or tune into another --runs-dir"),
+    (["LOCKED"], f"another normtf tune (pid {os.getpid()}) is using "),
+])
+def test_a_bad_tune_is_one_line_and_exit_2_and_loses_nothing(tuned, dataset, tmp_path, monkeypatch, args, message):
+    runs = shutil.copytree(tuned[0], tmp_path / "tune")
+    database = runs / "tune.db"
+    if args == ["SPACE"]:  # a tuning made by a normtf that searched other learning rates
+        monkeypatch.setitem(tune.TUNE_SPACE, "lr", (0.01, 1.0, "log"))
+        args = []
+    if args == ["CORRUPT"]:
+        database.write_bytes(b"not a database" * 100)
+        args = []
+    if args == ["--dataset", "fashion-mnist"]:  # MNIST's tuning where Fashion-MNIST's goes (copied there)
+        (runs / "fashion-mnist").mkdir()
+        shutil.copy(database, runs / "fashion-mnist" / "tune.db")
+    if "SMALL" in args:
+        args = [str(small_training_set(dataset, tmp_path / "small")) if a == "SMALL" else a for a in args]
+    monkeypatch.setattr(quiet, "threads", quiet.threads)  # --deterministic pins it for this process: put it back
+    with tune._locked(database) if args == ["LOCKED"] else contextlib.nullcontext():
+        before = snapshot(runs)
+        args = [a for a in args if a != "LOCKED"]
+        tiny = [item for flag, value in zip(TINY[::2], TINY[1::2]) if flag not in args for item in (flag, value)]
+        result = CliRunner().invoke(app, ["tune", "--norm", "group", "--norm", "batch-l1", "--trials", "1", *tiny,
+                                          *args, "--jobs", "1", "--runs-dir", str(runs)])
+        lines = [line for line in result.output.strip().splitlines()  # a --data-dir of other files: a warning each
+                 if not (line.startswith("warning: ") and "is not the standard MNIST file" in line)]
+        assert result.exit_code == 2, result.output
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+        assert snapshot(runs) == before
+
+
+# --- stopped and started again, through the command ------------------------------------------------
+
+RESUMABLE = ["tune", "--norm", "group", "--trials", "5", "--epochs", "2", "--train-size", "640", "--validation", "500",
+             "--deterministic"]
+
+
+def epochs_done(run_path) -> int:
+    try:
+        return len(json.loads((run_path / "history.json").read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_for(condition, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_a_kill_then_the_same_command_give_the_study_of_one_run_whatever_the_jobs(tmp_path):
+    """Five trials of group (a round of 4, then 1), each 2 epochs: once with --jobs 1 uninterrupted; with
+    --jobs 2 stopped by Ctrl-C in its first round (a second tune of the same database meanwhile refused)
+    and run again; and killed (SIGKILL) in its second round and run again. Each ends with the same five
+    trials, recipes and validation accuracies, to the bit, and each trial's epochs once each."""
+    one = normtf(*RESUMABLE, "--jobs", "1", "--runs-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+
+    two = tmp_path / "two"
+    process = start(*RESUMABLE, "--jobs", "2", "--runs-dir", two)
+    wait_for(lambda: epochs_done(two / "trial-0" / "group") >= 1, process)
+    second = normtf(*RESUMABLE, "--jobs", "2", "--runs-dir", two)
+    assert second.returncode == 2 and second.stderr.strip() == (
+        f"error: another normtf tune (pid {process.pid}) is using {two / 'tune.db'}; wait for it to finish, or tune "
+        "into another --runs-dir"), second.stderr
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: ") and "Traceback" not in err
+    assert [t[1] for t in trials_of(two / "tune.db", "group")] == ["RUNNING"] * 4  # asked, none told
+    again = normtf(*RESUMABLE, "--jobs", "2", "--runs-dir", two)
+    assert again.returncode == 0, again.stderr
+
+    killed = tmp_path / "killed"
+    process = start(*RESUMABLE, "--jobs", "2", "--runs-dir", killed)
+    wait_for(lambda: epochs_done(killed / "trial-4" / "group") >= 1, process)
+    process.kill()
+    process.communicate(timeout=60)
+    again = normtf(*RESUMABLE, "--jobs", "2", "--runs-dir", killed)
+    assert again.returncode == 0, again.stderr
+
+    reference = trials_of(tmp_path / "one" / "tune.db", "group")
+    assert len(reference) == 5 and all(t[1] == "COMPLETE" for t in reference)
+    for directory in (two, killed):
+        assert trials_of(directory / "tune.db", "group") == reference
+        for n in range(5):
+            assert [r["epoch"] for r in RunDir(directory / f"trial-{n}" / "group").read_history()] == [1, 2]
