@@ -144,10 +144,17 @@ RECIPES = {
 }
 
 
-def recipe(name: str) -> TrainConfig:
-    if name not in RECIPES:
-        raise UsageError(f"--recipe must be one of {', '.join(RECIPES)} (got {name!r})")
-    return TrainConfig(**RECIPES[name])
+# best: each variant's own recipe, the best trial of a tuning (normtf tune), read from the tuning's
+# database by normtf.tune.best_recipes: values for TUNE_SPACE's fields, on the reference recipe.
+BEST_RECIPE = "best"
+RECIPE_NAMES = (*RECIPES, BEST_RECIPE)
+
+
+def recipe(name: str, values: dict | None = None) -> TrainConfig:
+    """A named recipe's config; `values`: the best recipe's, which no name fixes."""
+    if name not in RECIPE_NAMES:
+        raise UsageError(f"--recipe must be one of {', '.join(RECIPE_NAMES)} (got {name!r})")
+    return TrainConfig(**(values if name == BEST_RECIPE else RECIPES[name]))
 
 
 # normtf tune's search space, by TrainConfig field: (lowest, highest, "log" or "linear") for a number,

@@ -102,8 +102,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _storage(path: Path):
-    """The database at `path` (made if missing); UsageError if it is no database Optuna can read."""
+def _storage(path: Path, flag: str = "--runs-dir"):
+    """The database at `path` (made if missing); UsageError if it is no database Optuna can read (`flag`
+    chose where it is)."""
     import sqlalchemy
 
     _quiet()
@@ -114,7 +115,7 @@ def _storage(path: Path):
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise UsageError(f"{path} is not a tuning database normtf can read ({reason}); move it away to start a new "
-                         "tuning, or tune into another --runs-dir") from None
+                         f"tuning, or name another {flag}") from None
 
 
 @contextmanager
@@ -325,6 +326,41 @@ def raise_if_unfinished(unfinished: list[TrainResult]) -> None:
 
 
 # --- what a tuning found -------------------------------------------------------------------------
+
+def best_recipes(tune_dir: Path | str, norms: list[str], dataset: str, warn=lambda message: None) -> dict[str, dict]:
+    """Each variant's best trial in the tuning in `tune_dir` (--recipe best): {"params", "number",
+    "validation_accuracy", "finished"}. NormtfError if there is no tuning there, or none of a variant
+    with a finished trial."""
+    path = database(tune_dir, dataset)
+    flag = "" if dataset == data.DEFAULT else f" --dataset {dataset}"
+    if not path.is_file():
+        raise NormtfError(f"--recipe best: no tuning in {tune_dir} ({path} does not exist); tune first (normtf tune"
+                          f"{flag} --runs-dir {tune_dir}), or name the tuning's --runs-dir with --tune-dir")
+    storage = _storage(path, "--tune-dir")
+    try:
+        names = {study.study_name for study in storage.get_all_studies()}
+        best, missing = {}, []
+        for norm in norms:
+            study = optuna.load_study(study_name=norm, storage=storage) if norm in names else None
+            trials = study.get_trials(deepcopy=False) if study else []
+            finished = [t for t in trials if t.state == TrialState.COMPLETE]
+            if not finished:
+                missing.append(norm)
+                continue
+            top = max(finished, key=lambda t: (t.value, -t.number))
+            best[norm] = {"params": top.params, "number": top.number, "validation_accuracy": top.value,
+                          "finished": len(finished)}
+            if any(t.state == TrialState.RUNNING for t in trials):
+                warn(f"{norm}: the tuning in {path} has unfinished trials; its best of the {len(finished)} finished "
+                     "is used")
+    finally:
+        storage.engine.dispose()
+    if missing:
+        raise NormtfError(f"--recipe best: {path} has no finished trial of {', '.join(missing)}; tune "
+                          f"{'it' if len(missing) == 1 else 'them'} first: normtf tune "
+                          f"{' '.join(f'--norm {norm}' for norm in missing)}{flag} --runs-dir {tune_dir}")
+    return best
+
 
 def draw(summary: dict, path: Path) -> Path:
     """Validation accuracy against learning rate, a panel per variant (figures.tuning_figure)."""

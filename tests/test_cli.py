@@ -58,7 +58,7 @@ def test_cli_py_trains_from_a_copy_with_the_copys_code(tmp_path):
 
 def test_help_says_what_each_option_takes():
     train_help = " ".join(run("train", "--help").output.split())
-    assert "--recipe <reference|tuned>" in train_help and "--jit <auto|on|off>" in train_help
+    assert "--recipe <reference|tuned|best>" in train_help and "--jit <auto|on|off>" in train_help
     assert "--schedule <constant|one-cycle>" in train_help and "<bool>" not in train_help
     assert "--force Retrain" in train_help  # a flag shows no value placeholder
     assert "pip install 'normtf[bench]'" in " ".join(run("bench", "--help").output.split())

@@ -1,7 +1,7 @@
 """normtf tune: the validation split (disjoint from the images a run fits, the same whatever the
 run's seed, the test set untouched), each variant's search in rounds (reproducible from the seed
-whatever --jobs, interruptions or how --trials grew), its table, JSON and figure, and every bad
-input in one line and exit 2 with nothing lost."""
+whatever --jobs, interruptions or how --trials grew), its table, JSON and figure, --recipe best, and
+every bad input in one line and exit 2 with nothing lost."""
 
 import contextlib
 import hashlib
@@ -293,6 +293,66 @@ def test_the_same_tune_again_trains_nothing(tuned, tmp_path):
     assert trials_of(runs / "tune.db", "group") == before
 
 
+def test_recipe_best_trains_a_variant_with_its_best_trials_recipe(tuned, tmp_path):
+    recipe_best(["train", "--norm", "batch-l1"], tuned[0], tmp_path)
+
+
+@pytest.mark.slow  # two runs and their figures: 20 s
+def test_compare_recipe_best_trains_each_variant_with_its_own_best_recipe(tuned, tmp_path):
+    recipe_best(["compare", "--norm", "group", "--norm", "batch-l1", "--img-dir", str(tmp_path / "img")], tuned[0],
+                tmp_path)
+    assert (tmp_path / "img" / "loss_accuracy.png").exists()
+
+
+def test_the_curves_of_variants_with_recipes_of_their_own_name_each_recipe_in_the_legend(tmp_path, monkeypatch):
+    from normtf import figures, study
+
+    results = [TrainResult(RunDir(tmp_path / norm), TrainConfig(norm=norm, lr=lr, schedule="one-cycle", l1=1e-5),
+                           [{"epoch": 1, "train_loss": 1.0, "train_objective": 1.0, "train_accuracy": 0.9,
+                             "test_loss": 0.5, "test_accuracy": 0.95, "epoch_time": 1.0}],
+                           {"status": "finished", "trainable_params": 9910})
+               for norm, lr in [("group", 0.1), ("batch-l1", 0.03)]]
+    drawn = {}
+    monkeypatch.setattr(figures, "plot_curves", lambda runs, path, title, legend: drawn.update(runs=runs, title=title))
+    study.draw_curves(results, tmp_path / "curves.png")
+    assert drawn["title"].endswith("SGD momentum 0.9, each variant's own recipe (in the legend)")
+    assert [run["label"] for run in drawn["runs"].values()] == [
+        "group (9,910 params; lr 0.1 one-cycle, dropout 0.1)", "batch-l1 (9,910 params; lr 0.03 one-cycle, dropout 0.1, L1 1e-05)"]
+
+
+def recipe_best(command, runs, tmp_path):
+    summary = json.loads((runs / "tune.json").read_text())
+    norms = [command[i + 1] for i, flag in enumerate(command) if flag == "--norm"]
+    result = CliRunner().invoke(app, [*command, "--recipe", "best", "--tune-dir", str(runs), "--epochs", "1",
+                                      "--train-size", "256", "--test-size", "200", "--lr", "0.02", "--jobs", "1",
+                                      "--runs-dir", str(tmp_path / "best")])
+    assert result.exit_code == 0, result.output
+    for norm in norms:
+        best = summary["variants"][norm]["best"]
+        config = RunDir(tmp_path / "best" / norm).stored_config()
+        assert (config.schedule, config.dropout, config.l1, config.validation) == (
+            best["params"]["schedule"], best["params"]["dropout"], best["params"].get("l1"), None)
+        assert config.lr == 0.02  # a flag given overrides the recipe, as for every recipe
+        assert f"{norm}: the recipe of trial {best['number']} in {runs}, the best of its 1 finished" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--recipe best: no tuning in NOWHERE (NOWHERE/tune.db does not exist); tune first (normtf tune --runs-dir "
+         "NOWHERE), or name the tuning's --runs-dir with --tune-dir"),
+    (["--tune-dir", "TUNED"], "--recipe best: TUNED/tune.db has no finished trial of layer; tune it first: normtf tune "
+                              "--norm layer --runs-dir TUNED"),
+])
+def test_recipe_best_without_a_tuning_of_the_variant_is_one_line_and_exit_1(tuned, tmp_path, args, message):
+    nowhere = tmp_path / "nowhere"
+    args = [str(tuned[0]) if a == "TUNED" else a for a in args]
+    result = CliRunner().invoke(app, ["train", "--norm", "layer", "--recipe", "best", *TINY[:4],
+                                      "--runs-dir", str(tmp_path / "runs"), *(args or ["--tune-dir", str(nowhere)])])
+    assert result.exit_code == 1, result.output
+    expected = message.replace("NOWHERE", str(nowhere)).replace("TUNED", str(tuned[0]))
+    assert result.output.strip().splitlines() == [f"error: {expected}"]
+    assert not (tmp_path / "runs").exists()
+
+
 # --- bad input: one line, exit 2, nothing lost ------------------------------------------------------
 
 def small_training_set(dataset, directory):
@@ -320,7 +380,7 @@ def small_training_set(dataset, directory):
     (["--dataset", "fashion-mnist"], "(dataset mnist there, fashion-mnist here)"),
     (["SPACE"], "(search space of lr [0.001, 1.0, 'log'] there, [0.01, 1.0, 'log'] here)"),
     (["CORRUPT"], "tune.db is not a tuning database normtf can read (file is not a database); move it away to start a "
-                  "new tuning, or tune into another --runs-dir"),
+                  "new tuning, or name another --runs-dir"),
     (["LOCKED"], f"another normtf tune (pid {os.getpid()}) is using "),
 ])
 def test_a_bad_tune_is_one_line_and_exit_2_and_loses_nothing(tuned, dataset, tmp_path, monkeypatch, args, message):
