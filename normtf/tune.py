@@ -258,13 +258,14 @@ def _tell(study: optuna.Study, number: int, result: TrainResult) -> bool:
 
 def tune(norms: list[str], base: TrainConfig, trials: int, runs_dir: Path | str, options: Options = Options(),
          jobs: int | None = 1, cluster: str | None = None, show: bool = False, warn=lambda message: None,
-         say=lambda message: None) -> tuple[dict, list[TrainResult]]:
+         say=lambda message: None, dataset=None) -> tuple[dict, list[TrainResult]]:
     """Tune each variant until it has `trials` trials told, round by round (see the module's
     docstring), into `runs_dir`; `base` holds the fixed settings (dataset, epochs, train_size,
     validation, seed). Returns the tuning's summary (summarize) and the trials that ended without a
-    result (their process died: the same command trains them again)."""
+    result (their process died: the same command trains them again). `dataset`: a dataset's images
+    by name, as grid.run takes it (default: grid.loader's)."""
     runs_dir = Path(runs_dir)
-    images = grid.loader(options.data_dir, warn)  # one load: the split's check, and the runs trained here
+    images = dataset or grid.loader(options.data_dir, warn)  # one load: the split's check, the runs trained here
     train_idx, _ = data.validation_split(images(base.dataset).y_train, base.validation, base.train_size)
     for norm in norms:  # every trial's settings but its recipe, checked before the database is touched
         preflight(base.replace(norm=norm), runs_dir, force=True)
@@ -288,7 +289,7 @@ def tune(norms: list[str], base: TrainConfig, trials: int, runs_dir: Path | str,
                 if not _tell(studies[norm], trial.number, result):
                     unfinished.append(result)
         summary = summarize(studies, base, runs_dir, trials, len(train_idx))
-    write_json(path.with_name(SUMMARY), summary)
+        write_json(path.with_name(SUMMARY), summary)
     return summary, unfinished
 
 

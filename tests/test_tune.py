@@ -154,14 +154,20 @@ def study(runs_dir):
     return {norm: trials_of(database, norm) for norm in NORMS}
 
 
+@pytest.fixture(scope="session")
+def mnist(dataset):
+    """MNIST by name, as tune.tune takes it: loaded once for every tuning here."""
+    return lambda name: dataset
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, mnist):
     """Ten trials of two variants in one go: the study every other way of getting there must equal."""
     runs = tmp_path_factory.mktemp("straight")
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(grid, "run", fake_grid(calls))
-        summary, unfinished = tune.tune(NORMS, BASE, 10, runs)
+        summary, unfinished = tune.tune(NORMS, BASE, 10, runs, dataset=mnist)
     return runs, calls, summary, unfinished
 
 
@@ -186,7 +192,7 @@ def test_trials_go_in_rounds_of_every_variant_and_are_told_in_order(straight):
 
 
 def test_the_study_is_the_same_after_an_interrupted_round_a_kill_while_asking_and_more_trials_later(
-        straight, tmp_path, monkeypatch):
+        straight, tmp_path, monkeypatch, mnist):
     runs = tmp_path / "runs"
     calls = []
     fake = fake_grid(calls)
@@ -198,9 +204,9 @@ def test_the_study_is_the_same_after_an_interrupted_round_a_kill_while_asking_an
         return fake(*args, **kwargs)
     monkeypatch.setattr(grid, "run", interrupted)
     with pytest.raises(Interrupted):
-        tune.tune(NORMS, BASE, 5, runs)  # five first (rounds of 4 and 1): the same study once it has ten
+        tune.tune(NORMS, BASE, 5, runs, dataset=mnist)  # five first (rounds of 4 and 1): the same study once it has ten
     assert [t[0] for t in study(runs)["group"] if t[1] == "RUNNING"] == [4]
-    tune.tune(NORMS, BASE, 5, runs)
+    tune.tune(NORMS, BASE, 5, runs, dataset=mnist)
     assert calls[-1] == ["group trial 4", "batch-l1 trial 4"]  # asked before, trained now with its recipe
 
     real_ask, asked_now = tune._ask, []
@@ -213,17 +219,17 @@ def test_the_study_is_the_same_after_an_interrupted_round_a_kill_while_asking_an
     monkeypatch.setattr(grid, "run", fake)
     monkeypatch.setattr(tune, "_ask", killed)
     with pytest.raises(KeyboardInterrupt):
-        tune.tune(NORMS, BASE, 10, runs)
+        tune.tune(NORMS, BASE, 10, runs, dataset=mnist)
     monkeypatch.setattr(tune, "_ask", real_ask)
-    summary, unfinished = tune.tune(NORMS, BASE, 10, runs)
+    summary, unfinished = tune.tune(NORMS, BASE, 10, runs, dataset=mnist)
     assert not unfinished and study(runs) == study(straight[0])  # every trial, recipe and value the same
     assert summary["variants"] == straight[2]["variants"]
     again = len(calls)
-    tune.tune(NORMS, BASE, 10, runs)
+    tune.tune(NORMS, BASE, 10, runs, dataset=mnist)
     assert len(calls) == again  # told in full: nothing to train, nothing asked
 
 
-def test_a_trial_whose_process_died_stays_asked_and_no_later_round_is_asked(tmp_path, monkeypatch):
+def test_a_trial_whose_process_died_stays_asked_and_no_later_round_is_asked(tmp_path, monkeypatch, mnist):
     calls = []
     fake = fake_grid(calls)
 
@@ -233,7 +239,7 @@ def test_a_trial_whose_process_died_stays_asked_and_no_later_round_is_asked(tmp_
             "reason": "its process ended (killed by SIGKILL) during training"}})
         return results
     monkeypatch.setattr(grid, "run", died)
-    summary, unfinished = tune.tune(["group"], BASE, 8, tmp_path)
+    summary, unfinished = tune.tune(["group"], BASE, 8, tmp_path, dataset=mnist)
     assert [r.config.norm for r in unfinished] == ["group"] and len(calls) == 1  # no second round asked
     states = [t[1] for t in trials_of(tune.database(tmp_path, "mnist"), "group")]
     assert len(states) == 4 and states[1] == "RUNNING" and "RUNNING" not in states[:1] + states[2:]
@@ -241,7 +247,7 @@ def test_a_trial_whose_process_died_stays_asked_and_no_later_round_is_asked(tmp_
     with pytest.raises(RunFailed, match="1 trials did not finish: .*trial-1/group .*run the same command again"):
         tune.raise_if_unfinished(unfinished)
     monkeypatch.setattr(grid, "run", fake)
-    tune.tune(["group"], BASE, 8, tmp_path)
+    tune.tune(["group"], BASE, 8, tmp_path, dataset=mnist)
     assert calls[1] == ["group trial 1"] and len(trials_of(tune.database(tmp_path, "mnist"), "group")) == 8
 
 
