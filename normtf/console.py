@@ -175,3 +175,24 @@ def explain_table(norm: str, batch_size: int, reports, dataset: str = "MNIST") -
     if notes:
         table.caption, table.caption_justify = "\n".join(notes), "left"
     return table
+
+
+def tuning_table(summary: dict) -> Table:
+    """normtf tune's result (normtf.tune.summarize): per variant its trials, how many diverged, and the
+    best trial's validation accuracy and recipe."""
+    fixed = summary["settings"]["fixed"]
+    table = Table(title=f"Best recipe per variant, on {fixed['validation']:,} validation images", **COMPACT)
+    for column in ["variant", "trials", "diverged", "best val\nacc", "trial", "lr", "schedule", "dropout", "L1"]:
+        table.add_column(column, justify="left" if column in ("variant", "schedule") else "right", no_wrap=True)
+    for norm, variant in summary["variants"].items():
+        rows, best = variant["trials"], variant["best"]
+        told = sum(1 for row in rows if row["state"] in ("finished", "diverged"))
+        diverged = sum(1 for row in rows if row["state"] == "diverged")
+        if best is None:
+            table.add_row(norm, f"{told}", f"{diverged}", "-", "-", "-", "-", "-", "-")
+            continue
+        params = best["params"]
+        table.add_row(norm, f"{told}", f"{diverged}", percent(best["validation_accuracy"]), str(best["number"]),
+                      f"{params['lr']:.3g}", params["schedule"], f"{params['dropout']:.3f}",
+                      f"{params['l1']:.2g}" if "l1" in params else "-")
+    return table

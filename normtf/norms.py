@@ -30,6 +30,7 @@ class Norm:
     swept: bool = False  # in `normtf sweep`'s default set
     moving: bool = False  # tests with moving batch statistics (batch norm's kind): the sweep also measures it with precise ones
     cost: float = 1.0  # a CPU epoch's time against batch norm's, which only orders a grid's runs (longest first)
+    learns: bool = True  # learns in this network; `normtf tune` tunes those by default
 
 
 def _batch(config):
@@ -90,7 +91,7 @@ NORMS: dict[str, Norm] = {
                     "layer norm with per-channel gamma/beta (group norm with one group): 9,910 parameters",
                     pytorch=True),
     "none": Norm(None, "no norm layer (conv -> ReLU -> dropout): what normalization buys", swept=True, cost=0.9),
-    "instance": Norm(_instance, "instance norm (group norm with one group per channel)"),
+    "instance": Norm(_instance, "instance norm (group norm with one group per channel)", learns=False),
     "batch-renorm": Norm(_batch_renorm, "batch renormalization (Ioffe 2017): batch norm whose training output is "
                                         "corrected towards the moving statistics", swept=True, moving=True,
                          cost=1.7),
@@ -111,6 +112,11 @@ def get_norm(name: str) -> Norm:
 def sweep_defaults() -> list[str]:
     """`normtf sweep`'s variants when none is named."""
     return [name for name, spec in NORMS.items() if spec.swept]
+
+
+def tune_defaults() -> list[str]:
+    """`normtf tune`'s variants when none is named: those that learn (instance norm cannot, here)."""
+    return [name for name, spec in NORMS.items() if spec.learns]
 
 
 def relevant(config: TrainConfig) -> TrainConfig:

@@ -16,6 +16,12 @@ from normtf.console import console, live_display, percent
 REPORT_EVERY = 0.25  # seconds between a grid worker's progress reports
 
 
+def _measured_on(logs: dict) -> str:
+    """What Keras's val_ logs of an epoch measured: a run with a validation split names it in the logs
+    (training._EpochKeeper); every other run's are the test set's."""
+    return "validation" if "validation_accuracy" in logs else "test"
+
+
 class EpochProgress(keras.callbacks.Callback):
     """A progress bar per epoch with live loss and accuracy (on a terminal), then one line per
     finished epoch."""
@@ -57,7 +63,7 @@ class EpochProgress(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         if self.progress:
-            self.progress.update(self.task, stats="evaluating on the test set")
+            self.progress.update(self.task, stats="evaluating")
 
     def on_epoch_end(self, epoch, logs=None):
         if self.progress:
@@ -66,7 +72,7 @@ class EpochProgress(keras.callbacks.Callback):
             console.print(
                 f"{self.label} epoch {epoch + 1:>2}/{self.params['epochs']}  "
                 f"train loss {logs['ce']:.4f} acc {percent(logs['accuracy'])}   "
-                f"test loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}",
+                f"{_measured_on(logs)} loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}",
                 highlight=False)
 
 
@@ -113,7 +119,7 @@ class GridProgress:
             epoch, epochs, logs = values
             self.progress.advance(self.grid)
             self._say(f"{label} epoch {epoch:>2}/{epochs}  train loss {logs['ce']:.4f} acc {percent(logs['accuracy'])}   "
-                      f"test loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}")
+                      f"{_measured_on(logs)} loss {logs['val_ce']:.4f} acc {percent(logs['val_accuracy'])}")
 
     def finished(self, index: int, label: str, result) -> None:
         """A run's end: its line, and the bar."""
@@ -126,7 +132,8 @@ class GridProgress:
         metrics = result.metrics
         if metrics["status"] == "finished":  # trained by this grid, or found finished when its turn came
             done = "reused: finished already" if result.reused else "finished"
-            self._say(f"{label}: {done}, test accuracy {percent(metrics['final_test_accuracy'])}")
+            split = result.config.evaluated_on
+            self._say(f"{label}: {done}, {split} accuracy {percent(metrics[f'final_{split}_accuracy'])}")
         elif metrics["status"] == "failed":
             self._say(f"{label}: [red]failed[/]: {metrics['failure']['reason']}")
 

@@ -26,6 +26,17 @@ from normtf.norms import relevant
 HISTORY_KEYS = ["epoch", "train_loss", "train_objective", "train_accuracy", "test_loss", "test_accuracy", "epoch_time"]
 
 
+def history_keys(split: str = "test") -> list[str]:
+    """The keys of an epoch record of a run measured on `split` (TrainConfig.evaluated_on): a run with
+    a validation split records validation_loss and validation_accuracy where others record the test's."""
+    return [key.replace("test", split) for key in HISTORY_KEYS]
+
+
+def evaluated_on(records: list[dict]) -> str:
+    """What a history's epochs were measured on: "validation" or "test"."""
+    return "validation" if records and "validation_accuracy" in records[0] else "test"
+
+
 def dataset_dir(directory: Path | str, dataset: str) -> Path:
     """Where a dataset's runs or figures go under `directory`: MNIST's (the default, and every run
     made before there was a choice) at the top, another dataset's in a subdirectory of its name."""
@@ -94,14 +105,15 @@ class RunDir:
 
     def read_history(self) -> list[dict]:
         records = read_json(self.history) or []
-        if not isinstance(records, list) or any(set(HISTORY_KEYS) - set(r) for r in records):
+        if not isinstance(records, list) or any(set(history_keys(evaluated_on(records))) - set(r) for r in records):
             raise CorruptFile(f"{self.history} does not hold a list of epoch records")
         return records
 
     def write_history(self, records: list[dict]) -> None:
         write_json(self.history, records)
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=HISTORY_KEYS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=history_keys(evaluated_on(records)), extrasaction="ignore",
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(records)
         atomic_write(self.history_csv, out.getvalue())
@@ -173,13 +185,15 @@ class RunDir:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Final and best test accuracy, epoch of best, mean epoch time, from the epoch records."""
-    best = max(records, key=lambda r: r["test_accuracy"])
+    """Final and best test accuracy, epoch of best, mean epoch time, from the epoch records (of a run
+    with a validation split: final and best validation accuracy)."""
+    split = evaluated_on(records)
+    best = max(records, key=lambda r: r[f"{split}_accuracy"])
     return {
         "epochs": len(records),
-        "final_test_accuracy": records[-1]["test_accuracy"],
-        "final_test_loss": records[-1]["test_loss"],
-        "best_test_accuracy": best["test_accuracy"],
+        f"final_{split}_accuracy": records[-1][f"{split}_accuracy"],
+        f"final_{split}_loss": records[-1][f"{split}_loss"],
+        f"best_{split}_accuracy": best[f"{split}_accuracy"],
         "best_epoch": best["epoch"],
         "mean_epoch_time": sum(r["epoch_time"] for r in records) / len(records),
     }

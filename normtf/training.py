@@ -189,16 +189,19 @@ class _EpochKeeper(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.failure is not None:
             return
-        logs = logs or {}
+        logs = logs if logs is not None else {}
+        split = self.config.evaluated_on  # Keras's val_ logs are the test set's, or the validation split's
         record = {
             "epoch": epoch + 1,
             "train_loss": float(logs["ce"]),
             "train_objective": float(logs["loss"]),
             "train_accuracy": float(logs["accuracy"]),
-            "test_loss": float(logs["val_ce"]),
-            "test_accuracy": float(logs["val_accuracy"]),
+            f"{split}_loss": float(logs["val_ce"]),
+            f"{split}_accuracy": float(logs["val_accuracy"]),
             "epoch_time": time.perf_counter() - self.started,
         }
+        if split == "validation":  # named in the logs the callbacks after this one see (progress's lines)
+            logs.update(validation_loss=record["validation_loss"], validation_accuracy=record["validation_accuracy"])
         checkpoint = self.run.checkpoint(epoch + 1)
         with atomic_path(checkpoint) as partial:
             self.model.save_weights(partial)
@@ -339,21 +342,28 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
         images = (dataset() if callable(dataset) else dataset) or data.load(config.dataset, data_dir, warn=warn)
         if images.name != config.dataset:
             raise ValueError(f"a {config.dataset} run was given {images.name} images")  # a bug of the caller
-        for flag, size, available in [("--train-size", config.train_size, len(images.y_train)),
-                                      ("--test-size", config.test_size, len(images.y_test))]:
-            if size is not None and size > available:
-                raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
-        train_idx = data.stratified_subset(images.y_train, config.train_size)
-        test_idx = data.stratified_subset(images.y_test, config.test_size)
+        if config.validation:  # measured on images held out of the training set; the test set is not touched
+            train_idx, eval_idx = data.validation_split(images.y_train, config.validation, config.train_size)
+            eval_x, eval_y = images.x_train, images.y_train
+        else:
+            for flag, size, available in [("--train-size", config.train_size, len(images.y_train)),
+                                          ("--test-size", config.test_size, len(images.y_test))]:
+                if size is not None and size > available:
+                    raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
+            train_idx = data.stratified_subset(images.y_train, config.train_size)
+            eval_idx = data.stratified_subset(images.y_test, config.test_size)
+            eval_x, eval_y = images.x_test, images.y_test
         if config.batch_size > len(train_idx):
             raise UsageError(f"--batch-size {config.batch_size} is more than the {len(train_idx):,} training images")
         steps = data.steps_per_epoch(len(train_idx), config.batch_size)
         model, device, strategy = prepare(config, steps)
         if action == "fresh":  # only now: a bad setting above leaves the directory as it was
             run.set_aside()
+        split = {"validation_images": len(eval_idx), "validation_seed": data.VALIDATION_SEED} if config.validation \
+            else {"test_images": len(eval_idx)}
         write_json(run.config, {"config": config.to_dict(), "environment": environment(device, strategy),
                                 "normtf": code_version(), "data": images.provenance(), "train_images": len(train_idx),
-                                "test_images": len(test_idx), "trainable_params": trainable_params(model),
+                                **split, "trainable_params": trainable_params(model),
                                 "steps_per_execution": model.steps_per_execution})
         if history:
             # Outside the scope: loading creates throwaway Keras objects, whose variables would be
@@ -364,12 +374,11 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
         keeper = _EpochKeeper(run, config, history)
         train_ds = data.train_dataset(images.x_train[train_idx], images.y_train[train_idx], config.batch_size,
                                       config.seed, config.rotation, epochs_done, config.epochs, images.mean, images.std)
-        test_ds = data.test_dataset(images.x_test[test_idx], images.y_test[test_idx], images.mean, images.std,
-                                    EVAL_BATCH)
+        eval_ds = data.test_dataset(eval_x[eval_idx], eval_y[eval_idx], images.mean, images.std, EVAL_BATCH)
         extra = [keras.callbacks.TensorBoard(str(run.path / "tensorboard"))] if tensorboard else []
         try:
             with _interrupts() as keeper.interrupts:
-                model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=epochs_done,
+                model.fit(train_ds, validation_data=eval_ds, epochs=config.epochs, initial_epoch=epochs_done,
                           steps_per_epoch=steps, callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
         except BaseException as e:
             restored = run.recover()  # a --force run that never finished an epoch gives the old run back

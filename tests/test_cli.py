@@ -31,7 +31,8 @@ def test_help_lists_the_commands_without_installing():
     out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "80"})
     listed = {line.split()[0]: line for line in out.stdout.split("Commands:")[1].strip().splitlines()}
-    assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "bench", "report"}
+    assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "tune",
+                           "bench", "report"}
     assert not [line for line in listed.values() if line.endswith("...")]  # no description cut short
     assert out.stderr == ""
 
@@ -57,7 +58,7 @@ def test_cli_py_trains_from_a_copy_with_the_copys_code(tmp_path):
 
 def test_help_says_what_each_option_takes():
     train_help = " ".join(run("train", "--help").output.split())
-    assert "--recipe <reference|tuned>" in train_help and "--jit <auto|on|off>" in train_help
+    assert "--recipe <reference|tuned|best>" in train_help and "--jit <auto|on|off>" in train_help
     assert "--schedule <constant|one-cycle>" in train_help and "<bool>" not in train_help
     assert "--force Retrain" in train_help  # a flag shows no value placeholder
     assert "pip install 'normtf[bench]'" in " ".join(run("bench", "--help").output.split())
