@@ -137,12 +137,13 @@ def _holds_a_run(directory: Path) -> bool:
 def find_studies(root: Path) -> list[Study]:
     """Every <dir>/<norm>/ and <dir>/<norm>/seed-<s>/ run under `root`, at any depth, grouped by the
     runs directory they were trained into (<dir>; a dataset other than MNIST in <dir>/<dataset>/).
-    A sweep's runs (batch-<size>/<norm>/...) are the sweep's: its JSON summarizes them."""
+    A sweep's runs (batch-<size>/<norm>/...) are the sweep's, a tuning's trials (trial-<n>/<norm>/)
+    the tuning's: their JSON summarizes them."""
     groups: dict[tuple[Path, str, bool], list[Run]] = {}
     for directory, subdirectories, _ in os.walk(root):
         directory = Path(directory)
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".")
-                                   and d not in ("img", "checkpoint", "replaced") and not re.fullmatch(r"batch-\d+", d))
+                                   and d not in ("img", "checkpoint", "replaced") and not re.fullmatch(r"(batch|trial)-\d+", d))
         for norm in [d for d in subdirectories if d in NORMS]:
             path = directory / norm
             seeded = sorted((p for p in path.glob("seed-*") if p.is_dir() and _holds_a_run(p)),

@@ -263,9 +263,9 @@ def tune(norms: list[str], base: TrainConfig, trials: int, runs_dir: Path | str,
     docstring), into `runs_dir`; `base` holds the fixed settings (dataset, epochs, train_size,
     validation, seed). Returns the tuning's summary (summarize) and the trials that ended without a
     result (their process died: the same command trains them again). `dataset`: a dataset's images
-    by name, as grid.run takes it (default: grid.loader's)."""
+    by name, as grid.run takes it (default: data.loader's)."""
     runs_dir = Path(runs_dir)
-    images = dataset or grid.loader(options.data_dir, warn)  # one load: the split's check, the runs trained here
+    images = dataset or data.loader(options.data_dir, warn)  # one load: the split's check, the runs trained here
     train_idx, _ = data.validation_split(images(base.dataset).y_train, base.validation, base.train_size)
     for norm in norms:  # every trial's settings but its recipe, checked before the database is touched
         preflight(base.replace(norm=norm), runs_dir, force=True)
