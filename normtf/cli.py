@@ -124,6 +124,9 @@ ImgDir = Annotated[Optional[Path], typer.Option(
 DataDir = Annotated[Optional[Path], typer.Option(
     help="A directory with the dataset's four IDX files (raw or .gz). Default: the cache, else download.")]
 DATASET_HELP = "The dataset: " + ", ".join(DATASETS) + "."
+ValidationSplit = Annotated[Optional[int], typer.Option(
+    "--validation", help="Hold out N training images (stratified by class, always the same ones, as normtf tune "
+                         "does) and measure the run on them after each epoch instead of the test set.")]
 DatasetName = Annotated[Literal[tuple(DATASETS)], typer.Option(help=(
     DATASET_HELP + " Runs and figures of a dataset other than MNIST go into a subdirectory of its name under "
     "--runs-dir and --img-dir."))]
@@ -243,7 +246,8 @@ def train(ctx: typer.Context,
           lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
           dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
-          train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
+          train_size: TrainSize = None, test_size: TestSize = None, validation: ValidationSplit = None,
+          precision: Precision = DEFAULTS.precision,
           jit: Jit = DEFAULTS.jit, steps_per_execution: StepsPerExecution = None, deterministic: Deterministic = False,
           seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
           data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False, jobs: Jobs = "auto",

@@ -43,13 +43,17 @@ COMPACT = dict(box=box.SIMPLE_HEAD, padding=0, show_edge=False)
 
 def results_table(groups: dict[str, list], title: str = "Results") -> Table:
     """One row per variant (`groups`: its runs, one per seed): params, final and best test accuracy
-    (mean ± std over seeds), final test loss, time per epoch."""
+    (mean ± std over seeds), final test loss, time per epoch; of runs measured on a validation
+    split (--validation), those of the split, and the columns say so."""
+    split = "validation" if all(r.config.evaluated_on == "validation" for g in groups.values() for r in g) else "test"
+    word = {"test": "test", "validation": "val"}[split]
     table = Table(title=title, **COMPACT)
-    for column in ["variant", "params", "seeds", "final test\nacc", "best test acc\n(epoch)", "final test\nloss",
-                   "s /\nepoch", "status"]:
+    for column in ["variant", "params", "seeds", f"final {word}\nacc", f"best {word} acc\n(epoch)",
+                   f"final {word}\nloss", "s /\nepoch", "status"]:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right",
                          no_wrap=column != "status",  # only the status wraps: the 80 columns go to it
-                         min_width={"final test\nacc": 13, "best test acc\n(epoch)": 13, "status": 7}.get(column))
+                         min_width={"final": 13, "best ": 13, "status": 7}.get(column[:5]) if "acc" in column
+                         or column == "status" else None)
     for norm, group in groups.items():
         done = [r.metrics for r in group if r.metrics.get("status") == "finished"]
         failed = [r.metrics["failure"] for r in group if r.metrics.get("status") == "failed"]
@@ -67,10 +71,10 @@ def results_table(groups: dict[str, list], title: str = "Results") -> Table:
             continue
         epochs = ", ".join(str(m["best_epoch"]) for m in done)
         table.add_row(norm, f"{done[0]['trainable_params']:,}", seeds,
-                      _spread([m["final_test_accuracy"] for m in done], percent=True),
-                      f"{_spread([m['best_test_accuracy'] for m in done], percent=True)}"
+                      _spread([m[f"final_{split}_accuracy"] for m in done], percent=True),
+                      f"{_spread([m[f'best_{split}_accuracy'] for m in done], percent=True)}"
                       + (f" ({epochs})" if len(done) == 1 else f"\n({epochs})"),
-                      _spread([m["final_test_loss"] for m in done]).replace(" ± ", "\n± "),
+                      _spread([m[f"final_{split}_loss"] for m in done]).replace(" ± ", "\n± "),
                       f"{sum(m['mean_epoch_time'] for m in done) / len(done):.1f}", status)
     return table
 

@@ -270,6 +270,19 @@ def test_tuned_recipe_sets_its_values_and_given_flags_override_them(tmp_path):
     assert run("train", "--recipe", "fast").exit_code == 2
 
 
+def test_train_on_a_validation_split_is_measured_and_shown_on_it(tmp_path):
+    """`train --validation N`, as normtf tune's trials train: the held-out images measure the run, the
+    table says so, and its records are the split's (the test set is not evaluated: tests/test_tune.py)."""
+    runs = tmp_path / "runs"
+    result = run("train", "--norm", "group", "--epochs", "1", "--train-size", "256", "--validation", "500",
+                 "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    assert "validation loss" in result.output and "final val" in result.output
+    history = json.loads((runs / "group" / "history.json").read_text())
+    assert "validation_accuracy" in history[0] and "test_accuracy" not in history[0]
+    assert json.loads((runs / "group" / "config.json").read_text())["config"]["validation"] == 500
+
+
 @pytest.mark.slow  # two TensorFlow processes: 15 s
 def test_commands_start_without_tensorflow_lines_unless_verbose():
     """TensorFlow's C++ start-up lines (cuInit and friends) stay hidden on a CPU machine."""
