@@ -50,7 +50,7 @@ from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
-from normtf.errors import CorruptFile, NormtfError, RunLocked, UsageError
+from normtf.errors import STOP_SIGNALS, CorruptFile, NormtfError, RunLocked, UsageError
 from normtf.files import atomic_write
 from normtf.job import (RUNS_PER_GPU, STOP_WAIT, Job, Options, RunSpec, busy, epochs_kept, failed, signals_to,
                         stopped)
@@ -93,6 +93,7 @@ def run(runs: list[RunSpec], todo: list[int], results: list, address: str, jobs:
     as many as the cluster schedules)."""
     ray = _ray(address)
     _answers(address)
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     for attempt in (1, 2):
         try:
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=options.verbose,
@@ -104,6 +105,9 @@ def run(runs: list[RunSpec], todo: list[int], results: list, address: str, jobs:
             if attempt == 2 or CLIENT_SERVER_LOST not in str(e):
                 raise _unreachable(address, _reason(e)) from None
             ray.shutdown()
+        finally:  # ray.init makes SIGTERM exit the driver (status 15, no word): normtf's handling stays
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
     try:
         where = f" on the Ray cluster at {address}" if address != "local" else " on a local Ray"
         return _Driver(ray, runs, todo, results, jobs, options, display, where, warn).run()
@@ -253,8 +257,10 @@ class _Driver:
 
     def _handle(self, index: int, spec: RunSpec, event: dict) -> None:
         kind = event["event"]
-        if kind == "task":
+        if kind == "task":  # a task started for the run: the first, or Ray's retry
             self.attempts[index] = self.attempts.get(index, 0) + 1
+            if self.display and self.attempts[index] > 1:
+                self.display.finished(index, spec.label, None)  # the lost one's line goes (if a lost worker left it)
         elif kind == "warn" and event.get("once"):
             if event["message"] not in self.said:
                 self.said.add(event["message"])
