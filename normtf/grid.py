@@ -26,16 +26,15 @@ import selectors
 import signal
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 from normtf import data, machine
-from normtf.errors import STOP_SIGNALS, RunLocked
-from normtf.job import RUNS_PER_GPU, Job, Options, RunSpec, busy, epochs_kept, failed, result_from_dict, stopped
+from normtf.errors import RunLocked
+from normtf.job import (RUNS_PER_GPU, STOP_WAIT, Job, Options, RunSpec, busy, epochs_kept, failed,
+                        result_from_dict, signals_to, stopped)
 from normtf.norms import get_norm, relevant
 
 JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
-STOP_WAIT = 60  # seconds a stopped job has to keep its epochs and exit, before it is killed
 
 
 def parse_jobs(text: str | int) -> int | None:
@@ -160,7 +159,7 @@ class _Pool:
             epochs = sum(self.runs[i].config.epochs - (0 if self.options.force else epochs_kept(self.runs[i]))
                          for i in self.pending)
             self.display.start(len(self.pending), self.count, self.threads, epochs=epochs)
-        with _signals_to(self._stop):
+        with signals_to(self._stop):
             try:
                 for slot in range(self.count):
                     self._start(slot)
@@ -289,17 +288,3 @@ class _Pool:
             job.wait()
             self.selector.unregister(job)
             job.close()
-
-
-@contextmanager
-def _signals_to(stop):
-    """Ctrl-C, SIGTERM and SIGHUP call stop(signum) instead of raising in whatever the pool was doing
-    (a signal the process was started ignoring stays ignored)."""
-    previous = {signum: signal.signal(signum, lambda signum, frame: stop(signum))
-                for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-

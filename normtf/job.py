@@ -18,7 +18,8 @@ of its own:
 A job ends when its input ends, when it is interrupted (SIGINT, SIGTERM, SIGHUP: the run keeps its
 finished epochs), and when its parent is gone: Linux sends it SIGTERM then (PR_SET_PDEATHSIG), and
 elsewhere each run checks its parent between steps. So a command killed with SIGKILL leaves no job
-behind, whether the job trains or waits.
+behind, whether the job trains or waits. A job given a scratch directory of its own (a Ray task's,
+where it trains a run the worker cannot see in place) removes it if it outlives its parent.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from normtf.runs import RunDir
 
 RUNS_PER_GPU = 4  # small models share a GPU (memory growth on); not measured: no GPU has run normtf
 INTERRUPTED = 130  # a job's exit code after a signal, as `normtf train`'s
+STOP_WAIT = 60  # seconds a stopped job has to keep its epochs and exit, before it is killed
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,12 @@ class RunSpec:
 class Options:
     """How every run of a grid trains (the same for all, so it crosses to a job once). threads
     and verbose are `normtf --threads` and `--verbose` (normtf.quiet), which the CLI sets; threads
-    None shares the cores out among the jobs."""
+    None shares the cores out among the jobs. lock_token: a run locked under it is the job's to
+    train (its command, on Ray, holds each run's lock while a task trains it: RunDir.locked)."""
     force: bool = False
     tensorboard: bool = False
     data_dir: Path | None = None
+    lock_token: str | None = None
     threads: int | None = dataclasses.field(default_factory=lambda: _quiet().threads)
     verbose: bool = dataclasses.field(default_factory=lambda: _quiet().verbose)
 
@@ -148,11 +153,13 @@ class Job:
     """A job process, as its parent (the local pool, a Ray task) sees it: started in a session of its
     own with its own pipes, handed runs, read for events, signalled, waited for."""
 
-    def __init__(self, options: Options, threads: int, env: dict | None = None):
+    def __init__(self, options: Options, threads: int, env: dict | None = None, scratch: Path | None = None):
+        """`scratch`: a directory that is the job's own, which it removes if its parent dies first."""
         events_read, events_write = os.pipe()
         self.log = tempfile.TemporaryFile(mode="w+b")  # its stdout and stderr: the end is shown if it dies
         command = [sys.executable, "-m", "normtf.job", "--events-fd", str(events_write), "--threads", str(threads),
-                   "--parent", str(os.getpid()), "--options", json.dumps(options.to_dict())]
+                   "--parent", str(os.getpid()), "--options", json.dumps(options.to_dict()),
+                   *(["--scratch", str(scratch)] if scratch is not None else [])]
         output = None if options.verbose else self.log
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=output, stderr=output,
                                         pass_fds=(events_write,), start_new_session=True,
@@ -222,6 +229,21 @@ class Job:
         return f"exit code {code}{said}"
 
 
+
+@contextmanager
+def signals_to(stop):
+    """In a job's parent (the local pool, a Ray task, a Ray grid's driver): Ctrl-C, SIGTERM and SIGHUP
+    call stop(signum), which passes the stop on, instead of raising in whatever the parent was doing
+    (a signal the process was started ignoring stays ignored)."""
+    previous = {signum: signal.signal(signum, lambda signum, frame: stop(signum))
+                for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 # --- the job's side -------------------------------------------------------------------------------
 
 class _Events:
@@ -246,14 +268,14 @@ def _jsonable(value):
 
 def _die_with_parent(parent: int) -> None:
     """Linux: SIGTERM when the parent dies (set here, not in the fork: the parent has threads). If it
-    died before this line, there is no one to report to."""
+    died before this line, there is no one to report to: stop as if interrupted."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
-        os._exit(INTERRUPTED)
+        raise KeyboardInterrupt
 
 
 def _serve(events: _Events, threads: int, options: Options, parent: int) -> int:
@@ -277,7 +299,8 @@ def _serve(events: _Events, threads: int, options: Options, parent: int) -> int:
             result = train(spec.config, spec.runs_dir, dataset=lambda: dataset(spec.config.dataset),
                            callbacks=[Reporter(events.send, index, parent)], tensorboard=options.tensorboard,
                            force=options.force, per_seed=spec.per_seed,
-                           warn=lambda message: events.send("warn", index, message=message))
+                           warn=lambda message: events.send("warn", index, message=message),
+                           lock_token=options.lock_token)
         except RunLocked as e:
             events.send("end", index, status="busy", message=str(e))
             continue
@@ -301,7 +324,8 @@ def _serve(events: _Events, threads: int, options: Options, parent: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m normtf.job --events-fd FD --threads N --parent PID --options JSON`: a job (above)."""
+    """`python -m normtf.job --events-fd FD --threads N --parent PID --options JSON [--scratch DIR]`: a job
+    (above)."""
     import argparse
 
     interrupts = []
@@ -311,13 +335,16 @@ def main(argv: list[str] | None = None) -> None:
         raise KeyboardInterrupt
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
-    code = INTERRUPTED
+    if hasattr(signal, "pthread_sigmask"):  # taken whatever the parent blocked: a Ray worker blocks SIGINT
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # in its main thread, and children inherit it
+    code, args = INTERRUPTED, None
     try:
         parser = argparse.ArgumentParser(prog="python -m normtf.job")
         parser.add_argument("--events-fd", type=int, required=True)
         parser.add_argument("--threads", type=int, required=True)
         parser.add_argument("--parent", type=int, required=True)
         parser.add_argument("--options", required=True)
+        parser.add_argument("--scratch")
         args = parser.parse_args(argv)
         _die_with_parent(args.parent)
         code = _serve(_Events(args.events_fd), args.threads, Options.from_dict(json.loads(args.options)), args.parent)
@@ -329,6 +356,10 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         code = 1
     finally:
+        if args is not None and args.scratch and os.getppid() != args.parent:  # no one else will remove it
+            import shutil
+
+            shutil.rmtree(args.scratch, ignore_errors=True)
         # Without TensorFlow's teardown (1.5-2.5 s), and without a word: the parent says what happened.
         for stream in (sys.stdout, sys.stderr):
             try:

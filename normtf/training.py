@@ -324,15 +324,16 @@ def preflight(config: TrainConfig, runs_dir: Path | str, per_seed: bool = False,
 def train(config: TrainConfig, runs_dir: Path | str = "runs",
           dataset: data.Images | Callable[[], data.Images] | None = None, data_dir: Path | None = None,
           callbacks=(), tensorboard: bool = False, force: bool = False, per_seed: bool = False,
-          warn=lambda message: None) -> TrainResult:
+          warn=lambda message: None, lock_token: str | None = None) -> TrainResult:
     """Train `config.norm` into runs_dir/<norm>/ (per_seed: .../seed-<seed>/), resuming or reusing
-    what is already there. `dataset` may be a function, called only if there is training to do."""
+    what is already there. `dataset` may be a function, called only if there is training to do.
+    `lock_token`: a lock on the run held under this token is this process's (RunDir.locked)."""
     config = relevant(config.validate())
     if tensorboard:
         require_tensorboard()  # first: before the data is loaded or the run directory touched
     strategy = make_strategy(config.strategy)
     run = RunDir.for_config(distribute.worker_runs_dir(strategy, runs_dir, warn), config, per_seed)
-    with run.locked(), distribute.peer_failures_as_errors(strategy):
+    with run.locked(lock_token), distribute.peer_failures_as_errors(strategy):
         if run.recover():
             warn(f"{run.path}: a run started with --force never finished an epoch; the run it replaced is back")
         action, history = _start_state(run, config, force, warn)
