@@ -27,10 +27,15 @@ MAX_GALLERY_IMAGES = 500  # 100 rows of digits: a PNG about 34,000 pixels tall (
 def save(figure: Figure, path: Path, tight: bool = True) -> Path:
     """Write `figure` as a PNG, whole or not at all; `tight` crops it to what is drawn, else it keeps
     the figure's own size (figures shown side by side must have one size)."""
+    atomic_write(Path(path), save_png(figure, tight))
+    return Path(path)
+
+
+def save_png(figure: Figure, tight: bool = True) -> bytes:
+    """`figure` as the bytes of a PNG file (save's, for a page that carries its images)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight" if tight else None, facecolor="white")
-    atomic_write(Path(path), buffer.getvalue())
-    return Path(path)
+    return buffer.getvalue()
 
 
 def epoch_ticks(last: int) -> list[int]:
@@ -279,6 +284,3 @@ def tuning_figure(panels: dict[str, dict], title: str, lr_range: tuple[float, fl
     figure.suptitle(title, fontsize=11.5)
     return figure
 
-
-def plot_tuning(panels: dict[str, dict], path: Path, title: str, lr_range: tuple[float, float]) -> Path:
-    return save(tuning_figure(panels, title, lr_range), path)

@@ -365,6 +365,11 @@ def best_recipes(tune_dir: Path | str, norms: list[str], dataset: str, warn=lamb
 
 def draw(summary: dict, path: Path) -> Path:
     """Validation accuracy against learning rate, a panel per variant (figures.tuning_figure)."""
+    return figures.save(figures.tuning_figure(*tuning_panels(summary)), path)
+
+
+def tuning_panels(summary: dict) -> tuple[dict, str, tuple[float, float]]:
+    """figures.tuning_figure's panels, title and learning-rate axis of a tuning (tune.json)."""
     panels = {}
     for norm, variant in summary["variants"].items():
         best = variant["best"]
@@ -380,4 +385,4 @@ def draw(summary: dict, path: Path) -> Path:
              f"{summary['train_images']:,} training images,\nmeasured on {fixed['validation']:,} held out of the "
              f"training set; batch {fixed['batch_size']}, momentum {fixed['momentum']:g}, seed {fixed['seed']}")
     low, high = next(iter(summary["space"].values()))["lr"][:2]  # every variant searches the same rates
-    return figures.plot_tuning(panels, path, title, (low, high))
+    return panels, title, (low, high)
