@@ -383,7 +383,7 @@ def test_the_results_table_of_all_variants_and_three_seeds_fits_80_columns():
                    "final_test_loss": 0.123456, "mean_epoch_time": 154.3}
         if status == "failed":
             metrics["failure"] = {"epoch": 3, "step": 120}
-        return SimpleNamespace(metrics=metrics, reused=False, config=SimpleNamespace(seed=seed))
+        return SimpleNamespace(metrics=metrics, reused=False, config=SimpleNamespace(seed=seed, evaluated_on="test"))
 
     groups = {norm: [result(norm, 42 + i, 0.9844 + i / 1000) for i in range(3)] for norm in NORMS_ALL}
     groups["batch"][2] = result("batch", 44, 0.1, status="failed")
