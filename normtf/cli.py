@@ -15,10 +15,10 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from normtf import config as defaults
-from normtf.config import RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
+from normtf.config import BEST_RECIPE, RECIPE_NAMES, RECIPES, TrainConfig, check_options, parse_batch_sizes, parse_seeds
 from normtf.data import DATASETS, DEFAULT as DEFAULT_DATASET
-from normtf.errors import Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
-from normtf.norms import NORMS, sweep_defaults
+from normtf.errors import STOP_SIGNALS, Interrupted, NormtfError, NothingToDo, RunFailed, UsageError
+from normtf.norms import NORMS, get_norm, sweep_defaults, tune_defaults
 from normtf.outputs import RUNS, bench_file, figures_dir, report_file, sweep_file, writable
 
 app = typer.Typer(help="normtf: batch, layer and group normalization in a small CNN on MNIST or Fashion-MNIST, measured and drawn.",
@@ -49,7 +49,7 @@ _in_command = False  # set while friendly() runs a command: a signal then raises
 
 
 def _on_signal(signum, frame):
-    """Ctrl-C and SIGTERM (a closed session, `kill`, a scheduler's stop) end normtf the same way at
+    """Ctrl-C, SIGTERM (`kill`, a scheduler's stop) and SIGHUP (a closed terminal) end normtf the same way at
     any moment: inside a command as KeyboardInterrupt, which the command turns into one line and
     exit code 130 (training keeps its finished epochs, normtf.training); before a command starts
     or after it has finished (TensorFlow's teardown at exit takes a second or more), with the same
@@ -124,6 +124,9 @@ ImgDir = Annotated[Optional[Path], typer.Option(
 DataDir = Annotated[Optional[Path], typer.Option(
     help="A directory with the dataset's four IDX files (raw or .gz). Default: the cache, else download.")]
 DATASET_HELP = "The dataset: " + ", ".join(DATASETS) + "."
+ValidationSplit = Annotated[Optional[int], typer.Option(
+    "--validation", help="Hold out N training images (stratified by class, always the same ones, as normtf tune "
+                         "does) and measure the run on them after each epoch instead of the test set.")]
 DatasetName = Annotated[Literal[tuple(DATASETS)], typer.Option(help=(
     DATASET_HELP + " Runs and figures of a dataset other than MNIST go into a subdirectory of its name under "
     "--runs-dir and --img-dir."))]
@@ -133,9 +136,12 @@ BatchSize = Annotated[int, typer.Option(help="Training batch size.")]
 Lr = Annotated[float, typer.Option(help="SGD learning rate.")]
 Schedule = Annotated[Literal[defaults.SCHEDULES], typer.Option(help=(
     "Learning rate schedule: constant, or one-cycle (warm-up to --lr, cosine down to zero)."))]
-Recipe = Annotated[Literal[tuple(RECIPES)], typer.Option(help="Starting settings: " + "; ".join(
+Recipe = Annotated[Literal[RECIPE_NAMES], typer.Option(help="Starting settings: " + "; ".join(
     f"{name}: {', '.join(f'{k} {v}' for k, v in values.items()) or 'the study (lr 0.01 constant, 20 epochs)'}"
-    for name, values in RECIPES.items()) + ". Flags given override them.")]
+    for name, values in RECIPES.items()) + f"; {BEST_RECIPE}: each variant's own, the best trial of its tuning in "
+    "--tune-dir (normtf tune). Flags given override them.")]
+TuneDir = Annotated[Path, typer.Option(help=f"With --recipe {BEST_RECIPE}: the --runs-dir of the normtf tune whose "
+                                            "best trials give the variants their recipes.")]
 Momentum = Annotated[float, typer.Option(help="SGD momentum.")]
 Dropout = Annotated[float, typer.Option(help="Dropout rate after every norm layer, in [0, 1).")]
 L1 = Annotated[float, typer.Option("--l1", help="L1 penalty on conv kernels (batch-l1 only).")]
@@ -193,15 +199,31 @@ def _grid(ctx: typer.Context, jobs: str, cluster: str | None, config: TrainConfi
     return {"jobs": count, "cluster": cluster}
 
 
-def _config(ctx: typer.Context, parameters: dict, **overrides) -> TrainConfig:
+def _config(ctx: typer.Context, parameters: dict, best: dict | None = None, **overrides) -> TrainConfig:
     """The TrainConfig of a command whose parameters carry the dataclass's field names: the
-    recipe's values, except where a flag was given on the command line."""
+    recipe's values (`best`: the variant's best recipe's), except where a flag was given on the command line."""
     name = parameters.get("recipe", "reference")
-    base = defaults.recipe(name)
+    values = best if name == BEST_RECIPE else RECIPES[name]
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in parameters.items()
-             if k in fields and (k not in defaults.RECIPES[name] or ctx.get_parameter_source(k).name != "DEFAULT")}
-    return base.replace(**{**given, **overrides}).validate()
+             if k in fields and (k not in values or ctx.get_parameter_source(k).name != "DEFAULT")}
+    return defaults.recipe(name, values).replace(**{**given, **overrides}).validate()
+
+
+def _best_recipes(recipe: str, tune_dir: Path, norms: list[str], dataset: str) -> dict[str, dict]:
+    """--recipe best: each variant's best recipe in the tuning in --tune-dir, each said in a line; else
+    no recipe of a variant's own."""
+    if recipe != BEST_RECIPE:
+        return {}
+    from normtf.console import console, warn
+    from normtf.tune import best_recipes, recipe_text
+
+    best = best_recipes(tune_dir, norms, dataset, warn)
+    for norm, trial in best.items():
+        console.print(f"{norm}: the recipe of trial {trial['number']} in {tune_dir}, the best of its "
+                      f"{trial['finished']} finished (validation accuracy {100 * trial['validation_accuracy']:.2f}%): "
+                      f"{recipe_text(trial['params'])}", highlight=False, soft_wrap=True)
+    return {norm: trial["params"] for norm, trial in best.items()}
 
 
 @app.command()
@@ -224,16 +246,19 @@ def train(ctx: typer.Context,
           lr: Lr = DEFAULTS.lr, schedule: Schedule = DEFAULTS.schedule, momentum: Momentum = DEFAULTS.momentum,
           dropout: Dropout = DEFAULTS.dropout, l1: L1 = DEFAULTS.l1,
           groups: Groups = DEFAULTS.groups, rotation: Rotation = DEFAULTS.rotation, seed: Seed = DEFAULTS.seed,
-          train_size: TrainSize = None, test_size: TestSize = None, precision: Precision = DEFAULTS.precision,
+          train_size: TrainSize = None, test_size: TestSize = None, validation: ValidationSplit = None,
+          precision: Precision = DEFAULTS.precision,
           jit: Jit = DEFAULTS.jit, steps_per_execution: StepsPerExecution = None, deterministic: Deterministic = False,
           seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy, sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
           data_dir: DataDir = None, tensorboard: Tensorboard = False, force: Force = False, jobs: Jobs = "auto",
-          cluster: Cluster = None):
+          cluster: Cluster = None, tune_dir: TuneDir = Path("runs/tune")):
     """Train one variant. The run goes into <runs-dir>/<norm>/; run the same command again to resume it."""
     from normtf import study
     from normtf.console import console, results_table, warn
 
-    config = _config(ctx, locals(), norm=norm.value)
+    parameters = locals()
+    best = _best_recipes(recipe, tune_dir, [norm.value], dataset)
+    config = _config(ctx, parameters, best.get(norm.value), norm=norm.value)
     writable(runs_dir, "--runs-dir")
     results = study.compare([config.norm], config, runs_dir, parse_seeds(seeds, seed), force=force, data_dir=data_dir,
                             tensorboard=tensorboard, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
@@ -258,19 +283,23 @@ def compare(ctx: typer.Context, norm: Norms = None,
             deterministic: Deterministic = False, seeds: Seeds = None, strategy: Strategy = DEFAULTS.strategy,
             sync_bn: SyncBn = False, runs_dir: RunsDir = Path("runs"),
             img_dir: ImgDir = None, data_dir: DataDir = None, tensorboard: Tensorboard = False,
-            force: Force = False, jobs: Jobs = "auto", cluster: Cluster = None):
+            force: Force = False, jobs: Jobs = "auto", cluster: Cluster = None, tune_dir: TuneDir = Path("runs/tune")):
     """Train several variants, then draw them. Finished runs are reused; the figures show the curves and mistakes."""
     from normtf import study
     from normtf.console import console, results_table, warn
 
+    parameters = locals()
     norms = list(NORMS) if all_ else [n.value for n in norm or []]
     if not norms:
         raise UsageError("name the variants with --norm (repeatable) or use --all")
-    config = _config(ctx, locals(), norm=norms[0])
+    best = _best_recipes(recipe, tune_dir, norms, dataset)
+    configs = {name: _config(ctx, parameters, best.get(name), norm=name) for name in norms}
+    config = configs[norms[0]]
     writable(runs_dir, "--runs-dir")
     img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
-    results = study.compare(norms, config, runs_dir, parse_seeds(seeds, seed), force=force, data_dir=data_dir,
-                            tensorboard=tensorboard, warn=warn, show=True, **_grid(ctx, jobs, cluster, config))
+    results = study.compare(norms, configs if best else config, runs_dir, parse_seeds(seeds, seed), force=force,
+                            data_dir=data_dir, tensorboard=tensorboard, warn=warn, show=True, img_dir=img_dir,
+                            **_grid(ctx, jobs, cluster, config))
     console.print(results_table(study.by_norm(results), title="normtf compare"))
     written = [study.draw_curves(results, Path(img_dir) / "loss_accuracy.png"),
                *study.gallery(results, img_dir, data_dir=data_dir, warn=warn)]
@@ -332,6 +361,50 @@ def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "m
     if busy:
         raise NormtfError(f"{len(busy)} of {len(rows)} runs were being trained by another normtf process: "
                           f"{', '.join(busy)}; run the same command again once it has finished")
+
+
+@app.command()
+@friendly()
+def tune(ctx: typer.Context,
+         norm: Annotated[Optional[list[str]], typer.Option(
+             "--norm", metavar="VARIANT", help=f"Variant to tune (repeat for several). Default: the {len(tune_defaults())} "
+                                               f"that learn, {', '.join(tune_defaults())}. {NORM_HELP}.")] = None,
+         dataset: DatasetName = "mnist",
+         trials: Annotated[int, typer.Option(help="Trials per variant: recipes tried, one run each. A tuning run "
+                                                  "again with more goes on from where it is.")] = defaults.TUNE_TRIALS,
+         epochs: Annotated[int, typer.Option(help="Training epochs of each trial.")] = defaults.TUNE_EPOCHS,
+         train_size: Annotated[Optional[int], typer.Option(
+             help="Train each trial on a seeded class-stratified subset of N of the training images the validation "
+                  "split leaves. Default: all of them.")] = None,
+         validation: Annotated[int, typer.Option(
+             help="Training images held out to measure every trial on (stratified by class, always the same ones); "
+                  "the test set is not used.")] = defaults.TUNE_VALIDATION,
+         seed: Annotated[int, typer.Option(help="The seed of every trial's run and of the search.")] = DEFAULTS.seed,
+         deterministic: Deterministic = False,
+         runs_dir: Annotated[Path, typer.Option("--runs-dir", help=(
+             "Where the tuning goes: its database tune.db (an Optuna study per variant), tune.json, and the trials in "
+             "trial-<n>/<norm>/ (<runs-dir>/<dataset>/tune.db and trial-<n>/<dataset>/<norm>/ for a dataset other "
+             "than MNIST)."))] = Path("runs/tune"),
+         img_dir: ImgDir = None, data_dir: DataDir = None, jobs: Jobs = "auto", cluster: Cluster = None):
+    """Tune each variant's own recipe on a validation split. Learning rate, schedule, dropout and L1 (Optuna's
+    TPE sampler), each trial a run; run the same command again to go on after a stop. Then --recipe best."""
+    from normtf import tune as tuning
+    from normtf.console import console, tuning_table, warn
+    from normtf.job import Options
+
+    norms = list(dict.fromkeys(norm or tune_defaults()))
+    for name in norms:
+        get_norm(name)  # an unknown variant: one line, like every other value
+    config = _config(ctx, locals(), norm=norms[0])
+    writable(runs_dir, "--runs-dir")
+    img_dir = writable(figures_dir(img_dir, runs_dir, dataset), "--img-dir")
+    summary, unfinished = tuning.tune(norms, config, trials, runs_dir, Options(data_dir=data_dir), show=True,
+                                      warn=warn, say=lambda line: console.print(line, highlight=False, soft_wrap=True),
+                                      **_grid(ctx, jobs, cluster, config))
+    console.print(tuning_table(summary))
+    figure = tuning.draw(summary, Path(img_dir) / tuning.FIGURE)
+    console.print(f"wrote {tuning.database(runs_dir, dataset).with_name(tuning.SUMMARY)} and {figure}")
+    tuning.raise_if_unfinished(unfinished)
 
 
 @app.command()
@@ -485,9 +558,9 @@ def report(runs_dir: Annotated[Path, typer.Option(help=(
 
 
 def main():
-    """The `normtf` command (also `python -m normtf` and `python cli.py`): Ctrl-C and SIGTERM are
-    _on_signal's for the whole process, unless it was started ignoring them."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    """The `normtf` command (also `python -m normtf` and `python cli.py`): Ctrl-C, SIGTERM and SIGHUP
+    are _on_signal's for the whole process, unless it was started ignoring them."""
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _on_signal)
     try:

@@ -27,6 +27,7 @@ class TrainConfig:
     seed: int = 42
     train_size: int | None = None
     test_size: int | None = None
+    validation: int | None = None  # training images held out to measure the run on, instead of the test set (normtf tune)
     precision: str = "auto"
     jit: str = "auto"
     deterministic: bool = False
@@ -41,6 +42,12 @@ class TrainConfig:
             raise UsageError(f"--batch-size {self.batch_size} is more than the {self.train_size:,} training images "
                              "of --train-size")
         return self
+
+    @property
+    def evaluated_on(self) -> str:
+        """What the run is measured on after each epoch: "validation", its validation split (carved from
+        the training set, data.validation_split), if it has one; else "test", the test set."""
+        return "validation" if self.validation else "test"
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -102,6 +109,8 @@ RULES = {
     "seed": (_whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED:,}"),
     "train_size": (_whole(1), "a whole number, at least 1"),
     "test_size": (_whole(1), "a whole number, at least 1"),
+    "validation": (_whole(1), "a whole number, at least 1"),
+    "trials": (_whole(1, 10_000), "a whole number from 1 to 10,000"),
     "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "jit": (lambda v: v in JIT_MODES, f"one of {', '.join(JIT_MODES)}"),
@@ -135,10 +144,30 @@ RECIPES = {
 }
 
 
-def recipe(name: str) -> TrainConfig:
-    if name not in RECIPES:
-        raise UsageError(f"--recipe must be one of {', '.join(RECIPES)} (got {name!r})")
-    return TrainConfig(**RECIPES[name])
+# best: each variant's own recipe, the best trial of a tuning (normtf tune), read from the tuning's
+# database by normtf.tune.best_recipes: values for TUNE_SPACE's fields, on the reference recipe.
+BEST_RECIPE = "best"
+RECIPE_NAMES = (*RECIPES, BEST_RECIPE)
+
+
+def recipe(name: str, values: dict | None = None) -> TrainConfig:
+    """A named recipe's config; `values`: the best recipe's, which no name fixes."""
+    if name not in RECIPE_NAMES:
+        raise UsageError(f"--recipe must be one of {', '.join(RECIPE_NAMES)} (got {name!r})")
+    return TrainConfig(**(values if name == BEST_RECIPE else RECIPES[name]))
+
+
+# normtf tune's search space, by TrainConfig field: (lowest, highest, "log" or "linear") for a number,
+# the choices for a name. l1 only for the variants with L1 (norms.py). Momentum stays 0.9: with the
+# learning rate it sets one step size, lr / (1 - momentum), so it would add a dimension that mostly
+# repeats lr's. Batch size stays 128: it changes a trial's steps and time, so trials would no longer
+# have one budget (the batch-size sweep asks about it).
+TUNE_SPACE = {"lr": (1e-3, 1.0, "log"), "schedule": SCHEDULES, "dropout": (0.0, 0.3, "linear"),
+              "l1": (1e-6, 1e-3, "log")}
+# Its defaults: the eight variants that learn, 20 trials each, in about four hours on 2 cores with
+# --jobs 2: a trial of 5 epochs of the 50,000 training images the split leaves takes about 2.4
+# minutes on one thread (the arithmetic: docs/how-it-works.md, "Tuning each variant's own recipe").
+TUNE_TRIALS, TUNE_EPOCHS, TUNE_VALIDATION = 20, 5, 10_000
 
 
 # The batch-size sweep's defaults (normtf sweep): the issue's budget of 2 epochs of 20,000 images.

@@ -43,32 +43,38 @@ COMPACT = dict(box=box.SIMPLE_HEAD, padding=0, show_edge=False)
 
 def results_table(groups: dict[str, list], title: str = "Results") -> Table:
     """One row per variant (`groups`: its runs, one per seed): params, final and best test accuracy
-    (mean ± std over seeds), final test loss, time per epoch."""
+    (mean ± std over seeds), final test loss, time per epoch; of runs measured on a validation
+    split (--validation), those of the split, and the columns say so."""
+    split = "validation" if all(r.config.evaluated_on == "validation" for g in groups.values() for r in g) else "test"
+    word = {"test": "test", "validation": "val"}[split]
     table = Table(title=title, **COMPACT)
-    for column in ["variant", "params", "seeds", "final test\nacc", "best test acc\n(epoch)", "final test\nloss",
-                   "s /\nepoch", "status"]:
+    for column in ["variant", "params", "seeds", f"final {word}\nacc", f"best {word} acc\n(epoch)",
+                   f"final {word}\nloss", "s /\nepoch", "status"]:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right",
                          no_wrap=column != "status",  # only the status wraps: the 80 columns go to it
-                         min_width={"final test\nacc": 13, "best test acc\n(epoch)": 13, "status": 7}.get(column))
+                         min_width={"final": 13, "best ": 13, "status": 7}.get(column[:5]) if "acc" in column
+                         or column == "status" else None)
     for norm, group in groups.items():
         done = [r.metrics for r in group if r.metrics.get("status") == "finished"]
         failed = [r.metrics["failure"] for r in group if r.metrics.get("status") == "failed"]
         status = "reused" if all(r.reused for r in group) else "trained"
         if failed:
             status = "; ".join(f"[red]failed[/]: " + (f"loss not finite at epoch {f['epoch']}, step {f['step']}"
-                                                      if "step" in f else escape(f["reason"])) for f in failed)
+                                                      if "step" in f else escape(f.get("short", f["reason"])))
+                               for f in failed)
         elif any(r.metrics.get("status") == "busy" for r in group):
             status = "busy: another normtf process is training it"
         seeds = _seeds([r.config.seed for r in group])
         if not done:
-            table.add_row(norm, f"{group[0].metrics.get('trainable_params', 0):,}", seeds, "-", "-", "-", "-", status)
+            params = group[0].metrics.get("trainable_params")
+            table.add_row(norm, "-" if params is None else f"{params:,}", seeds, "-", "-", "-", "-", status)
             continue
         epochs = ", ".join(str(m["best_epoch"]) for m in done)
         table.add_row(norm, f"{done[0]['trainable_params']:,}", seeds,
-                      _spread([m["final_test_accuracy"] for m in done], percent=True),
-                      f"{_spread([m['best_test_accuracy'] for m in done], percent=True)}"
+                      _spread([m[f"final_{split}_accuracy"] for m in done], percent=True),
+                      f"{_spread([m[f'best_{split}_accuracy'] for m in done], percent=True)}"
                       + (f" ({epochs})" if len(done) == 1 else f"\n({epochs})"),
-                      _spread([m["final_test_loss"] for m in done]).replace(" ± ", "\n± "),
+                      _spread([m[f"final_{split}_loss"] for m in done]).replace(" ± ", "\n± "),
                       f"{sum(m['mean_epoch_time'] for m in done) / len(done):.1f}", status)
     return table
 
@@ -172,4 +178,25 @@ def explain_table(norm: str, batch_size: int, reports, dataset: str = "MNIST") -
     notes = [note for r in reports for note in r.notes]
     if notes:
         table.caption, table.caption_justify = "\n".join(notes), "left"
+    return table
+
+
+def tuning_table(summary: dict) -> Table:
+    """normtf tune's result (normtf.tune.summarize): per variant its trials, how many diverged, and the
+    best trial's validation accuracy and recipe."""
+    fixed = summary["settings"]["fixed"]
+    table = Table(title=f"Best recipe per variant, on {fixed['validation']:,} validation images", **COMPACT)
+    for column in ["variant", "trials", "diverged", "best val\nacc", "trial", "lr", "schedule", "dropout", "L1"]:
+        table.add_column(column, justify="left" if column in ("variant", "schedule") else "right", no_wrap=True)
+    for norm, variant in summary["variants"].items():
+        rows, best = variant["trials"], variant["best"]
+        told = sum(1 for row in rows if row["state"] in ("finished", "diverged"))
+        diverged = sum(1 for row in rows if row["state"] == "diverged")
+        if best is None:
+            table.add_row(norm, f"{told}", f"{diverged}", "-", "-", "-", "-", "-", "-")
+            continue
+        params = best["params"]
+        table.add_row(norm, f"{told}", f"{diverged}", percent(best["validation_accuracy"]), str(best["number"]),
+                      f"{params['lr']:.3g}", params["schedule"], f"{params['dropout']:.3f}",
+                      f"{params['l1']:.2g}" if "l1" in params else "-")
     return table

@@ -30,6 +30,7 @@ from normtf.errors import DataError, UsageError
 from normtf.files import atomic_write
 
 SUBSET_SEED = 42  # --train-size/--test-size subsets are the same images whatever the run's seed
+VALIDATION_SEED = 0  # the validation split's own: every run with --validation N holds out the same images
 IDX_MAGIC = {0x0801: 1, 0x0803: 3}  # unsigned-byte labels (1-D) and images (3-D)
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -327,6 +328,13 @@ def load(name: str = DEFAULT, data_dir: Path | None = None, warn: Callable[[str]
     return Images(name, x_train, y_train, x_test, y_test, directory, origin, checksums)
 
 
+def loader(data_dir: Path | None = None, warn: Callable[[str], None] = lambda message: None) -> Callable[[str], Images]:
+    """load(name, data_dir, warn) by name, each dataset loaded once, when a run first needs it."""
+    import functools
+
+    return functools.cache(lambda name: load(name, data_dir, warn=warn))
+
+
 def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
     """Indices of `size` samples with each class in proportion to the whole (sorted; seeded)."""
     if size is None or size == len(labels):
@@ -339,6 +347,27 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int = SUBSET_S
         members = rng.permutation(np.flatnonzero(labels == c))
         position[members] = (np.arange(len(members)) + rng.random()) / len(members)
     return np.sort(np.argsort(position, kind="stable")[:size])
+
+
+def validation_split(labels: np.ndarray, size: int, train_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices) of a training set's `labels`: `size` images held out,
+    each class in proportion (stratified_subset, by VALIDATION_SEED), and the rest to train on, or a
+    stratified subset of `train_size` of them. UsageError if the split leaves nothing to train on,
+    fewer than train_size, or a class on one side only."""
+    if size >= len(labels):
+        raise UsageError(f"--validation {size:,} leaves none of the {len(labels):,} training images to train on; "
+                         "hold out fewer")
+    held = stratified_subset(labels, size, VALIDATION_SEED)
+    rest = np.setdiff1d(np.arange(len(labels)), held, assume_unique=True)
+    if train_size is not None and train_size > len(rest):
+        raise UsageError(f"--train-size {train_size:,} is more than the {len(rest):,} training images "
+                         f"--validation {size:,} leaves")
+    for side, missing, advice in [("validation split", np.setdiff1d(labels, labels[held]), "hold out more"),
+                                  ("training images", np.setdiff1d(labels, labels[rest]), "hold out fewer")]:
+        if missing.size:
+            raise UsageError(f"--validation {size:,}: these {len(labels):,} training images cannot be split by class: "
+                             f"the {side} would have no image of class {missing[0]}; {advice}")
+    return rest[stratified_subset(labels[rest], train_size)], held
 
 
 # --- tf.data pipelines ----------------------------------------------------------------------------
@@ -408,7 +437,8 @@ def train_dataset(x, y, batch_size: int, seed: int, rotation: float, first_epoch
 
 
 def test_dataset(x, y, mean: float, std: float, batch_size: int = 1000):
-    """Normalized, unaugmented, cached. Batch size does not change eval results (no batch statistics)."""
+    """The images a run is measured on (the test set, or a validation split): normalized, unaugmented,
+    cached. Batch size does not change eval results (no batch statistics)."""
     import tensorflow as tf
 
     return (tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))

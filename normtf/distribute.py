@@ -65,12 +65,12 @@ _runtime_lines_hidden = False
 
 
 def workers(strategy: tf.distribute.Strategy) -> int:
-    """How many processes train together (1 unless a multi-worker cluster)."""
+    """How many processes train together: the chief and workers TF_CONFIG names (1 without it)."""
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return 1
-    jobs = resolver.cluster_spec().as_dict()  # empty without TF_CONFIG: one worker
-    return max(1, sum(len(tasks) for job, tasks in jobs.items() if job in ("chief", "worker")))
+    roles = resolver.cluster_spec().as_dict()  # {"worker": [addresses], ...}; empty without TF_CONFIG
+    return max(1, sum(len(addresses) for role, addresses in roles.items() if role in ("chief", "worker")))
 
 
 def worker_name(strategy: tf.distribute.Strategy) -> str:

@@ -1,5 +1,10 @@
 """What can go wrong that the user can fix. The CLI prints the message as one line, no traceback."""
 
+import signal
+
+# What interrupts normtf, keeping finished epochs: Ctrl-C, `kill` or a container's stop, a closed terminal.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
 
 class NormtfError(Exception):
     """A problem the user can fix (exit code 1)."""
@@ -18,7 +23,12 @@ class CorruptFile(NormtfError):
 
 
 class Interrupted(NormtfError):
-    """Ctrl-C or SIGTERM during training: the epoch in progress is dropped, finished epochs are kept."""
+    """A STOP_SIGNALS signal during training: the epoch in progress is dropped, finished epochs are kept.
+    `signum`: the signal, where one was received (not when a job's parent went away)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class NothingToDo(NormtfError):

@@ -27,10 +27,15 @@ MAX_GALLERY_IMAGES = 500  # 100 rows of digits: a PNG about 34,000 pixels tall (
 def save(figure: Figure, path: Path, tight: bool = True) -> Path:
     """Write `figure` as a PNG, whole or not at all; `tight` crops it to what is drawn, else it keeps
     the figure's own size (figures shown side by side must have one size)."""
+    atomic_write(Path(path), save_png(figure, tight))
+    return Path(path)
+
+
+def save_png(figure: Figure, tight: bool = True) -> bytes:
+    """`figure` as the bytes of a PNG file (save's, for a page that carries its images)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight" if tight else None, facecolor="white")
-    atomic_write(Path(path), buffer.getvalue())
-    return Path(path)
+    return buffer.getvalue()
 
 
 def epoch_ticks(last: int) -> list[int]:
@@ -204,3 +209,78 @@ def sweep_figure(lines: dict[str, dict], title: str, legend_title: str | None = 
 
 def plot_sweep(lines: dict[str, dict], path: Path, title: str, legend_title: str | None = None) -> Path:
     return save(sweep_figure(lines, title, legend_title), path)
+
+
+TUNING_TICKS = [0.99, 0.9, 0.5, 0.1, 0.999, 0.995, 0.98, 0.95, 0.8, 0.998]  # accuracies to label, roundest first
+
+
+def tuning_figure(panels: dict[str, dict], title: str, lr_range: tuple[float, float]) -> Figure:
+    """Validation accuracy against learning rate, one panel per variant on shared axes, every trial of
+    a tuning a point (normtf tune): a circle for a constant rate, a triangle for one-cycle (at its peak
+    rate), the best trial ringed, and a trial whose loss became non-finite an x along the bottom.
+    Accuracy is on a logit scale, where 99% to 99.5% is as far as 90% to 95%: the good trials spread
+    out at the top and a chance-level one still fits, so the width of each variant's good range shows.
+
+    `panels` maps a variant to {"label", "color", "trials": [{"lr", "schedule", "accuracy" (None: the
+    loss became non-finite), "best"}]}; `lr_range`: the learning rates searched, the x axis.
+    """
+    columns = max(1, min(4, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    figure = Figure(figsize=(3.1 * columns + 0.8, 2.8 * rows + 1.6), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)).ravel()
+    accuracies = [t["accuracy"] for p in panels.values() for t in p["trials"] if t["accuracy"] is not None]
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    expit = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    low = logit(min(max(min(accuracies, default=0.5), 0.02), 0.9))
+    high = logit(min(max(accuracies, default=0.99), 0.9995))
+    margin = 0.06 * (high - low) + 0.1
+    bottom, top = expit(low - 2.5 * margin), expit(high + margin)  # room for the non-finite trials' marks below
+    nonfinite = expit(low - 1.7 * margin)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    for ax, panel in zip(axes, panels.values()):
+        for schedule, marker in [("constant", "o"), ("one-cycle", "^")]:
+            done = [t for t in panel["trials"] if t["schedule"] == schedule and t["accuracy"] is not None]
+            ax.scatter([t["lr"] for t in done], [min(max(t["accuracy"], bottom), top) for t in done], s=30,
+                       marker=marker, color=panel["color"], alpha=0.8, linewidths=0)
+        diverged = [t["lr"] for t in panel["trials"] if t["accuracy"] is None]
+        ax.scatter(diverged, [nonfinite] * len(diverged), s=30, marker="x", color=panel["color"], linewidths=1.4)
+        best = [t for t in panel["trials"] if t["best"]]
+        ax.scatter([t["lr"] for t in best], [t["accuracy"] for t in best], s=140, facecolors="none",
+                   edgecolors="black", linewidths=1.3)
+        ax.set_title(panel["label"], fontsize=11)
+        ax.set_xscale("log")
+        ax.set_yscale("logit")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=9.5)
+    ax = axes[0]
+    ax.set_ylim(bottom, top)
+    ticks = []  # the roundest first, none closer to another than a ninth of the axis
+    for tick in (t for t in TUNING_TICKS if bottom <= t <= top):
+        if all(abs(logit(other) - logit(tick)) >= (logit(top) - logit(bottom)) / 9 for other in ticks):
+            ticks.append(tick)
+    ax.set_yticks(ticks, [f"{100 * t:g}" for t in ticks])
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    decades = [10.0**e for e in range(math.floor(math.log10(lr_range[0])), math.ceil(math.log10(lr_range[1])) + 1)]
+    ax.set_xticks(decades, [f"{d:g}" for d in decades])
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlim(lr_range[0] / 1.4, lr_range[1] * 1.4)
+    for i, ax in enumerate(axes[:len(panels)]):
+        if i % columns == 0:
+            ax.set_ylabel("Validation accuracy (%)", fontsize=10.5)
+        if i + columns >= len(panels):
+            ax.set_xlabel("Learning rate (peak for one-cycle)", fontsize=10.5)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    from matplotlib.lines import Line2D
+
+    grey = "0.35"
+    handles = [Line2D([], [], marker="o", linestyle="", color=grey, label="constant learning rate"),
+               Line2D([], [], marker="^", linestyle="", color=grey, label="one-cycle"),
+               Line2D([], [], marker="x", linestyle="", color=grey, label="loss became non-finite"),
+               Line2D([], [], marker="o", linestyle="", markersize=11, markerfacecolor="none", markeredgecolor="black",
+                      label="best trial")]
+    figure.legend(handles=handles, loc="outside lower center", ncols=4 if columns > 2 else 2, fontsize=10.5,
+                  frameon=False)
+    figure.suptitle(title, fontsize=11.5)
+    return figure
+

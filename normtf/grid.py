@@ -4,47 +4,37 @@ them while they do, and hands back their results in the order they were asked fo
 
 A 9,910-parameter model cannot keep many cores (or a GPU) busy, so a grid trains faster as several
 runs at once, each with a share of the machine, than as one run after another on all of it (on 2
-cores: docs/speed.md). `--jobs N` trains N runs at once on this machine, each in a process of its
-own (TensorFlow's thread pools, seed and precision policy are per process, so runs cannot disturb
-each other) with cores / N threads; `--jobs 1` trains them one after another in this process, as
-normtf always did. `--cluster ADDRESS` sends them to a Ray cluster instead (normtf.cluster).
+cores: docs/speed.md). `--jobs N` trains N runs at once on this machine, each in a job (normtf.job:
+a process of its own that trains runs one after another, as `normtf train` does) with cores / N
+threads; `--jobs 1`, or a single run left, trains in this process, as `normtf train` does.
+`--cluster ADDRESS` sends the runs to a Ray cluster instead, where each Ray task runs the same job
+(normtf.cluster).
 
 Whatever the jobs, a run's numbers are its own: with --deterministic every run uses one thread per
 pool (TensorFlow splits sums by thread count, so the thread count changes the last bits), and so
-its history and weights are the same alone or beside others. A run whose process dies is reported
-failed and the others go on; Ctrl-C stops every job and the same command resumes them all.
+its history and weights are the same alone or beside others. Every run goes the way one `normtf
+train` goes: its lock, its resume, its finished epochs kept on an interruption. A job that ends
+without ending its run (killed, out of memory, stopped by a signal this command did not send) fails
+that run, which the same command resumes, and the others go on. Ctrl-C, SIGTERM or SIGHUP stops
+every job (a second one at once) and the same command resumes them all.
 """
 
 from __future__ import annotations
 
-import functools
-import multiprocessing
 import os
-import queue
+import selectors
 import signal
-import traceback
+import time
 from collections import deque
-from contextlib import contextmanager
+from pathlib import Path
 
-from normtf import data
-from normtf.errors import Interrupted, NormtfError, RunLocked
-from normtf.job import RUNS_PER_GPU, Options, RunSpec, busy, failed, stopped
-from normtf.norms import relevant
+from normtf import data, machine
+from normtf.errors import RunLocked
+from normtf.job import (RUNS_PER_GPU, STOP_WAIT, Job, Options, RunSpec, busy, epochs_kept, failed,
+                        result_from_dict, signals_to, stopped)
+from normtf.norms import get_norm, relevant
 
 JOB_MEMORY = 1.5 * 2**30  # a job's peak resident memory, rounded up (docs/speed.md, "A grid of runs")
-
-
-def cores() -> int:
-    """The cores this process may use (a container's or taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def available_memory() -> int | None:
-    """Bytes of memory free for new processes, where the system says (Linux); else None."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def parse_jobs(text: str | int) -> int | None:
@@ -57,23 +47,24 @@ def parse_jobs(text: str | int) -> int | None:
 def jobs_at_once(requested: int | None, runs: int, threads: int | None = None, gpus: int = 0) -> int:
     """How many runs train at once. A number asked for is kept (never more than the runs). auto:
     one job per `threads` cores (one thread each by default: per core, single-thread runs train the
-    most images per hour), at most RUNS_PER_GPU per GPU where there are GPUs, and no more than the
-    free memory holds at JOB_MEMORY each."""
+    most images per hour; machine.cores: a container's CPU quota too), at most RUNS_PER_GPU per GPU
+    where there are GPUs, and no more than the available memory holds at JOB_MEMORY each
+    (machine.available_memory: a container's memory limit too)."""
     if runs <= 1:
         return 1
     if requested is not None:
         return min(requested, runs)
-    slots = max(1, cores() // (threads or 1))
+    slots = max(1, machine.cores() // (threads or 1))
     if gpus:
         slots = min(slots, gpus * RUNS_PER_GPU)
-    memory = available_memory()
+    memory = machine.available_memory()
     if memory is not None:
         slots = min(slots, max(1, int(memory // JOB_MEMORY)))
     return max(1, min(slots, runs))
 
 
 def threads_per_job(jobs: int, threads: int | None) -> int:
-    return threads or max(1, cores() // jobs)
+    return threads or max(1, machine.cores() // jobs)
 
 
 def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, options: Options = Options(),
@@ -82,11 +73,11 @@ def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, o
     auto); 1 trains in this process, with `callbacks_for(config)`'s Keras callbacks. `show`: the
     progress on the terminal (a bar per epoch for one run at a time, progress.GridProgress for
     several). `dataset`: a dataset's images by name, for runs trained in this process (default:
-    loaded once, when a run first needs them; a caller that needs them too passes loader())."""
+    loaded once, when a run first needs them; a caller that needs them too passes data.loader())."""
     from normtf.progress import EpochProgress, GridProgress
 
     results: list = [None] * len(runs)
-    dataset = dataset or loader(options.data_dir, warn)
+    dataset = dataset or data.loader(options.data_dir, warn)
     todo = []
     for index, spec in enumerate(runs):  # finished runs are reused here, without starting a job
         if not options.force and spec.run.status(relevant(spec.config)) == "finished":
@@ -100,245 +91,200 @@ def run(runs: list[RunSpec], jobs: int | None = 1, cluster: str | None = None, o
         from normtf import cluster as ray_cluster
 
         return ray_cluster.run(runs, todo, results, cluster, jobs, options, display, warn)
-    import tensorflow as tf
-
-    count = jobs_at_once(jobs, len(todo), options.threads, len(tf.config.list_physical_devices("GPU")))
+    gpus = gpu_count()
+    count = jobs_at_once(jobs, len(todo), options.threads, gpus)
     if count == 1:
         for index in todo:
             spec = runs[index]
             callbacks = [*([EpochProgress(spec.label)] if show else []), *callbacks_for(spec.config)]
             results[index] = _train_here(spec, options, dataset, callbacks, warn)
         return results
-    return _Pool(runs, todo, results, count, options, display, warn).run()
+    return _Pool(runs, todo, results, count, gpus, options, display, warn).run()
 
 
-def loader(data_dir, warn):
-    """The dataset of a name, loaded once, when a run first needs it."""
-    return functools.cache(lambda name: data.load(name, data_dir, warn=warn))
+def length(spec: RunSpec) -> float:
+    """A run's expected training time, in batch norm's steps: its steps times its variant's cost."""
+    config = spec.config
+    images = config.train_size or 60_000  # both datasets' training sets
+    return config.epochs * -(-images // config.batch_size) * get_norm(config.norm).cost
 
 
-def _train_here(job: RunSpec, options: Options, dataset, callbacks, warn):
+def gpu_count() -> int:
+    """The GPUs TensorFlow sees in this process."""
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def _train_here(spec: RunSpec, options: Options, dataset, callbacks, warn):
+    """One run in this process, as `normtf train` trains it; then its gallery, where asked for."""
     from normtf.training import train
 
     try:
-        return train(job.config, job.runs_dir, dataset=lambda: dataset(job.config.dataset), callbacks=callbacks,
-                     tensorboard=options.tensorboard, force=options.force, per_seed=job.per_seed, warn=warn)
+        result = train(spec.config, spec.runs_dir, dataset=lambda: dataset(spec.config.dataset), callbacks=callbacks,
+                       tensorboard=options.tensorboard, force=options.force, per_seed=spec.per_seed, warn=warn)
     except RunLocked as e:
         warn(str(e))
-        return busy(job, str(e))
+        return busy(spec, str(e))
+    if spec.gallery is not None and result.metrics.get("status") == "finished" and not result.reused:
+        from normtf.gallery import draw_gallery
+
+        result.gallery = draw_gallery(result, dataset(spec.config.dataset), spec.gallery)
+    return result
 
 
-# --- the local pool: a process per job -----------------------------------------------------------
+# --- the local pool: a job process per slot --------------------------------------------------------
 
 class _Pool:
-    """N worker processes (spawned: TensorFlow's state does not survive a fork), each training one
-    run at a time, handed the next when it reports the last. Workers run in process groups of
-    their own, so Ctrl-C reaches only this process, which passes it on once to each and waits for
-    them to keep their finished epochs."""
+    """`count` jobs (normtf.job), each training one run at a time and handed the next when it ends
+    its last. Each job has its own pipes, so one that dies takes nothing of the others with it, and
+    its death is seen at once (the end of its events pipe, then its exit code). Jobs run in process
+    sessions of their own, so Ctrl-C or a hang-up of the terminal reaches only this process, which
+    passes it on once to each job and waits for them to keep their finished epochs; a second one
+    kills them at once."""
 
-    def __init__(self, jobs, todo, results, count, options, display, warn):
-        self.jobs, self.pending, self.results = jobs, deque(todo), results
-        self.count, self.options, self.display, self.warn = count, options, display, warn
+    def __init__(self, runs, todo, results, count, gpus, options, display, warn):
+        # The longest runs first: the last ones then end close together, instead of one long run
+        # training alone at the end while the other jobs have nothing left.
+        self.runs, self.pending, self.results = runs, deque(sorted(todo, key=lambda i: -length(runs[i]))), results
+        self.count, self.gpus, self.options, self.display, self.warn = count, gpus, options, display, warn
         self.threads = threads_per_job(count, options.threads)
-        self.context = multiprocessing.get_context("spawn")
-        self.events = self.context.Queue()
-        self.workers: list[_Worker] = []
-        self.stopping = None  # the signal that asked us to stop
+        self.jobs: dict[int, Job] = {}  # slot -> its job
+        self.selector = selectors.DefaultSelector()
+        self.stopping: int | None = None  # the signal that asked us to stop
+        self.deadline = None
 
     def run(self) -> list:
-        import tensorflow as tf
-
-        gpus = len(tf.config.list_physical_devices("GPU"))
-        for slot in range(self.count):
-            self.workers.append(_Worker(self.context, self.events, self.threads, self.options,
-                                        slot % gpus if gpus else None))
         if self.display:
-            self.display.start(len(self.pending), self.count, self.threads)
-        with _signals_to(self._stop):
+            epochs = sum(self.runs[i].config.epochs - (0 if self.options.force else epochs_kept(self.runs[i]))
+                         for i in self.pending)
+            self.display.start(len(self.pending), self.count, self.threads, epochs=epochs)
+        with signals_to(self._stop):
             try:
-                for worker in self.workers:
-                    self._next(worker)
-                while any(worker.current is not None for worker in self.workers):
-                    try:
-                        self._handle(self.events.get(timeout=0.2))
-                    except queue.Empty:
-                        self._reap()
+                for slot in range(self.count):
+                    self._start(slot)
+                while self.jobs:
+                    for key, _ in self.selector.select(timeout=1.0):
+                        self._read(key.data)
+                    if self.deadline is not None and time.monotonic() > self.deadline:
+                        self._kill()
             finally:
-                for worker in self.workers:
-                    worker.finish()
+                self._kill()
                 if self.display:
                     self.display.stop()
         if self.stopping is not None:
             raise stopped(self.results)
         return self.results
 
-    def _stop(self, signum):
-        if self.stopping is None:
-            self.stopping = signum
-            self.pending.clear()
-            for worker in self.workers:
-                worker.signal(signal.SIGINT)
+    def _start(self, slot: int) -> None:
+        """A new job in `slot`, given the next run at once (it reads it once TensorFlow has started)."""
+        if not self.pending or self.stopping is not None:
+            return
+        device = machine.device_for_slot(slot, os.environ, self.gpus)
+        job = Job(self.options, self.threads, {} if device is None else {"CUDA_VISIBLE_DEVICES": device})
+        self.jobs[slot] = job
+        self.selector.register(job, selectors.EVENT_READ, slot)
+        self._next(job)
 
-    def _next(self, worker: _Worker) -> None:
+    def _next(self, job: Job) -> None:
         if self.pending and self.stopping is None:
-            if not worker.alive():
-                worker.restart()
             index = self.pending.popleft()
-            worker.give(index, self.jobs[index])
+            try:
+                job.give(index, self.runs[index])
+            except OSError:  # it died already: its end is read next, and a new job takes this run
+                self.pending.appendleft(index)
+                job.current = None
         else:
-            worker.current = None
+            job.current = None
+            job.no_more()
 
-    def _handle(self, event) -> None:
-        kind, pid, index, *rest = event
-        worker = next((w for w in self.workers if w.pid == pid), None)
-        job = self.jobs[index]
+    def _read(self, slot: int) -> None:
+        job = self.jobs[slot]
+        events = job.read()
+        if events is None:
+            self._ended(slot)
+            return
+        for event in events:
+            self._handle(job, event)
+
+    def _handle(self, job: Job, event: dict) -> None:
+        kind, index = event["event"], event["index"]
+        if index is None:  # "ready": TensorFlow has started
+            return
+        spec = self.runs[index]
         if kind == "warn":
-            self.warn(f"{job.label}: {rest[0]}")
-            return
-        if kind in ("begin", "epoch", "step"):
-            if self.display:
-                self.display.update(index, job.label, kind, *rest)
-            return
-        result = {"done": lambda: rest[0], "locked": lambda: busy(job, rest[0]),
-                  "error": lambda: failed(job, rest[0]), "interrupted": lambda: None}[kind]()
-        if kind in ("locked", "error"):
-            self.warn(f"{job.label}: {rest[0]}")
+            self.warn(f"{spec.label}: {event['message']}")
+        elif kind == "gallery":
+            job.gallery = Path(event["path"])
+        elif kind == "end":
+            self._end(job, index, spec, event)
+        elif self.display:
+            values = {"begin": (), "resume": ("kept", "epochs"), "step": ("epoch", "epochs", "step", "steps", "stats"),
+                      "epoch": ("epoch", "epochs", "logs")}[kind]
+            self.display.update(index, spec.label, kind, *(event[name] for name in values))
+
+    def _end(self, job: Job, index: int, spec: RunSpec, event: dict) -> None:
+        status = event["status"]
+        if status in ("finished", "failed"):
+            result = result_from_dict(event["result"])
+            result.gallery, job.gallery = job.gallery, None
+        elif status == "busy":
+            self.warn(f"{spec.label}: {event['message']}")
+            result = busy(spec, event["message"])
+        elif status == "error":
+            result = failed(spec, event["message"], "an error (its line above)")
+        else:  # interrupted: by us (the closing line says what is kept), or by a signal from elsewhere
+            result = None if self.stopping is not None else self._lost(spec, event)
+        self._result(index, result)
+        if status == "interrupted":
+            job.current = None  # it exits now; a new job takes the next run when its end is read
+        else:
+            self._next(job)
+
+    def _lost(self, spec: RunSpec, event: dict):
+        """A run whose job was stopped by a signal this command did not send (`kill PID`)."""
+        signum = event.get("signal")
+        name = signal.Signals(signum).name if signum else "its parent gone"
+        return failed(spec, f"its process was stopped ({name}, not by this command) after {event['epochs']} of "
+                            f"{spec.config.epochs} epochs; they are kept, and the same command resumes it",
+                      f"process stopped ({name})")
+
+    def _result(self, index: int, result) -> None:
+        """A run's end: its result (None: interrupted by us), and its line (a failure's reason)."""
         self.results[index] = result
         if self.display:
-            self.display.finished(index, job.label, result)
-        if worker is not None and worker.current == index:
-            self._next(worker)
+            self.display.finished(index, self.runs[index].label, result)
 
-    def _reap(self) -> None:
-        """A worker that died (killed, out of memory) while training: its run is failed, a new
-        worker takes the next run."""
-        for worker in self.workers:
-            if worker.current is not None and not worker.alive():
-                self._drain()  # its last words may still be in the queue
-                if worker.current is not None and not worker.alive():
-                    index = worker.current
-                    how = worker.exit_description()
-                    self.results[index] = None if self.stopping else failed(
-                        self.jobs[index], f"its process ended ({how}) during training")
-                    if self.results[index] is not None:
-                        self.warn(f"{self.jobs[index].label}: its process ended ({how}); its finished epochs are "
-                                  "kept, the same command resumes it")
-                        if self.display:
-                            self.display.finished(index, self.jobs[index].label, self.results[index])
-                    self._next(worker)
+    def _ended(self, slot: int) -> None:
+        """Job `slot` has exited: a run it held without ending it failed (unless we stopped it); a new
+        job takes the next run."""
+        job = self.jobs.pop(slot)
+        self.selector.unregister(job)
+        job.wait()
+        if job.current is not None:
+            spec, how = self.runs[job.current], job.how_it_ended()
+            self._result(job.current, None if self.stopping is not None else failed(
+                spec, f"its process ended ({how}) during training; its finished epochs are kept, and the same "
+                      "command resumes it", f"process ended ({how.split(':')[0]})"))
+        job.close()
+        self._start(slot)
 
-    def _drain(self) -> None:
-        while True:
-            try:
-                self._handle(self.events.get(timeout=0.05))
-            except queue.Empty:
-                return
+    def _stop(self, signum: int) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP: every job is asked to stop (each keeps its finished epochs); a
+        second one kills them at once."""
+        if self.stopping is not None:
+            self.deadline = 0
+            return
+        self.stopping = signum
+        self.pending.clear()
+        self.deadline = time.monotonic() + STOP_WAIT
+        for job in self.jobs.values():
+            job.signal(signal.SIGINT)
 
-
-class _Worker:
-    def __init__(self, context, events, threads, options, gpu):
-        self.context, self.events, self.threads, self.options, self.gpu = context, events, threads, options, gpu
-        self.current = None
-        self.restart()
-
-    def restart(self) -> None:
-        self.tasks = self.context.Queue()
-        self.process = self.context.Process(target=_worker_main, daemon=True,
-                                            args=(self.tasks, self.events, self.threads, self.options, self.gpu))
-        self.process.start()
-        self.pid = self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-    def give(self, index: int, job: RunSpec) -> None:
-        self.current = index
-        self.tasks.put((index, job))
-
-    def signal(self, signum) -> None:
-        if self.alive():
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def exit_description(self) -> str:
-        code = self.process.exitcode
-        if code is not None and code < 0:
-            return f"killed by {signal.Signals(-code).name}"
-        return f"exit code {code}"
-
-    def finish(self) -> None:
-        """Ask the worker to end and wait for it; one that does not end in time is killed."""
-        if self.alive():
-            try:
-                self.tasks.put(None)
-            except (OSError, ValueError):
-                pass
-            self.process.join(60)
-            if self.alive():
-                self.process.kill()
-                self.process.join()
-
-
-@contextmanager
-def _signals_to(stop):
-    """SIGINT and SIGTERM call stop(signum) instead of raising in whatever the pool was doing."""
-    previous = {signum: signal.signal(signum, lambda signum, frame: stop(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _worker_main(tasks, events, threads: int, options: Options, gpu: int | None) -> None:
-    """A worker process: TensorFlow started quietly with `threads` threads per pool, then one run
-    after another as the pool hands them over, every event reported on `events`."""
-    os.setpgrp()  # Ctrl-C in the terminal reaches the pool, which passes it on
-    parent = os.getppid()
-    pid = os.getpid()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
-    code = 0
-    try:
-        from normtf import quiet
-
-        quiet.verbose, quiet.threads = options.verbose, threads
-        quiet.start_tensorflow()
-        from normtf.progress import Reporter
-        from normtf.training import train
-
-        dataset = loader(options.data_dir, lambda message: None)
-        while True:
-            item = tasks.get()
-            if item is None:
-                break
-            index, job = item
-            events.put(("begin", pid, index, threads))
-            try:
-                result = train(job.config, job.runs_dir, dataset=lambda: dataset(job.config.dataset),
-                               callbacks=[Reporter(events, pid, index, parent)], tensorboard=options.tensorboard,
-                               force=options.force, per_seed=job.per_seed,
-                               warn=lambda message: events.put(("warn", pid, index, message)))
-                events.put(("done", pid, index, result))
-            except RunLocked as e:
-                events.put(("locked", pid, index, str(e)))
-            except (Interrupted, KeyboardInterrupt):
-                events.put(("interrupted", pid, index))
-                break
-            except NormtfError as e:
-                events.put(("error", pid, index, str(e)))
-            except Exception as e:  # a bug: the run is failed with what went wrong, the grid goes on
-                events.put(("error", pid, index, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"))
-    except KeyboardInterrupt:  # stopped while waiting for a run
-        pass
-    except BaseException:  # TensorFlow could not start: the pool reports the run this worker held
-        traceback.print_exc()
-        code = 1
-    finally:  # the events reach the pool, then the process ends without TensorFlow's teardown (~2 s)
-        events.close()
-        events.join_thread()
-        os._exit(code)
+    def _kill(self) -> None:
+        for slot in list(self.jobs):
+            job = self.jobs.pop(slot)
+            job.signal(signal.SIGKILL)
+            job.wait()
+            self.selector.unregister(job)
+            job.close()

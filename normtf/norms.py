@@ -29,6 +29,8 @@ class Norm:
     pytorch: bool = False  # has a PyTorch counterpart in torch_reference.py (`normtf bench --against reference`)
     swept: bool = False  # in `normtf sweep`'s default set
     moving: bool = False  # tests with moving batch statistics (batch norm's kind): the sweep also measures it with precise ones
+    cost: float = 1.0  # a CPU epoch's time against batch norm's, which only orders a grid's runs (longest first)
+    learns: bool = True  # learns in this network; `normtf tune` tunes those by default
 
 
 def _batch(config):
@@ -74,6 +76,8 @@ def _ws_conv(*args, **kwargs):
     return WSConv2D(*args, **kwargs)
 
 
+# cost: the median epoch of results/reference/<variant>/ (history.json's epoch_time) over batch norm's,
+# 27.2 s: batch-renorm's 46.3 s (its layer is plain Keras), none's 23.9 s; the others within 10% of 1.
 NORMS: dict[str, Norm] = {
     "batch-l1": Norm(_batch, "batch norm + L1 on the kernels (the study's run)", l1=True,
                      uses=frozenset({"l1", "sync_bn"}), pytorch=True, moving=True),
@@ -86,10 +90,11 @@ NORMS: dict[str, Norm] = {
     "layer-c": Norm(_layer_per_channel,
                     "layer norm with per-channel gamma/beta (group norm with one group): 9,910 parameters",
                     pytorch=True),
-    "none": Norm(None, "no norm layer (conv -> ReLU -> dropout): what normalization buys", swept=True),
-    "instance": Norm(_instance, "instance norm (group norm with one group per channel)"),
+    "none": Norm(None, "no norm layer (conv -> ReLU -> dropout): what normalization buys", swept=True, cost=0.9),
+    "instance": Norm(_instance, "instance norm (group norm with one group per channel)", learns=False),
     "batch-renorm": Norm(_batch_renorm, "batch renormalization (Ioffe 2017): batch norm whose training output is "
-                                        "corrected towards the moving statistics", swept=True, moving=True),
+                                        "corrected towards the moving statistics", swept=True, moving=True,
+                         cost=1.7),
     "group-ws": Norm(_group, "group norm (--groups groups) after weight-standardized convolutions (Qiao et al. 2019)",
                      uses=frozenset({"groups"}), conv=_ws_conv, swept=True),
 }
@@ -107,6 +112,11 @@ def get_norm(name: str) -> Norm:
 def sweep_defaults() -> list[str]:
     """`normtf sweep`'s variants when none is named."""
     return [name for name, spec in NORMS.items() if spec.swept]
+
+
+def tune_defaults() -> list[str]:
+    """`normtf tune`'s variants when none is named: those that learn (instance norm cannot, here)."""
+    return [name for name, spec in NORMS.items() if spec.learns]
 
 
 def relevant(config: TrainConfig) -> TrainConfig:

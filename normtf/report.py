@@ -137,12 +137,13 @@ def _holds_a_run(directory: Path) -> bool:
 def find_studies(root: Path) -> list[Study]:
     """Every <dir>/<norm>/ and <dir>/<norm>/seed-<s>/ run under `root`, at any depth, grouped by the
     runs directory they were trained into (<dir>; a dataset other than MNIST in <dir>/<dataset>/).
-    A sweep's runs (batch-<size>/<norm>/...) are the sweep's: its JSON summarizes them."""
+    A sweep's runs (batch-<size>/<norm>/...) are the sweep's, a tuning's trials (trial-<n>/<norm>/)
+    the tuning's: their JSON summarizes them."""
     groups: dict[tuple[Path, str, bool], list[Run]] = {}
     for directory, subdirectories, _ in os.walk(root):
         directory = Path(directory)
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".")
-                                   and d not in ("img", "checkpoint", "replaced") and not re.fullmatch(r"batch-\d+", d))
+                                   and d not in ("img", "checkpoint", "replaced") and not re.fullmatch(r"(batch|trial)-\d+", d))
         for norm in [d for d in subdirectories if d in NORMS]:
             path = directory / norm
             seeded = sorted((p for p in path.glob("seed-*") if p.is_dir() and _holds_a_run(p)),
@@ -436,6 +437,7 @@ td.text, th.text { text-align: left; }
 figure.digit { margin: 0; text-align: center; font-size: 12px; width: 96px; }
 figure.digit img { width: 84px; height: 84px; image-rendering: pixelated; border: 1px solid #ccc; }
 details { margin: 2px 0; } summary { cursor: pointer; }
+img.figure { max-width: 100%; }
 """
 
 
@@ -571,15 +573,47 @@ def provenance_html(study: Study, root: Path) -> str:
 
 
 def tuning_html(root: Path) -> str:
-    """The tuning study (`normtf tune`, results under <dir>/tune/: an Optuna database and its trial
-    runs): its learning-rate figure and best recipes. Empty when the directory holds no study.
-    Kept apart from the rest: `normtf tune` is younger than this page, and until its layout is
-    fixed the page only names a study's database files (and shows nothing without one)."""
-    found = sorted(p for p in Path(root).rglob("tune/*.db") if p.is_file()) if (Path(root) / "tune").is_dir() else []
-    if not found:
-        return ""
-    return ("<h2 id=\"tuning\">Tuning study</h2><p>" + ", ".join(f"<code>{esc(p)}</code>" for p in found)
-            + ": this page does not show a tuning study's trials yet.</p>")
+    """Each tuning under `root` (its tune.json, what `normtf tune` found): its budget, each variant's
+    best trial and recipe, and validation accuracy against learning rate, every trial a point (the
+    figure `normtf tune` draws). Empty when the directory holds no tuning."""
+    found = sorted(p for p in Path(root).rglob("tune.json") if not any(part.startswith(".") for part in p.parts))
+    parts = []
+    for number, path in enumerate(found):
+        try:
+            summary = read_json(path)
+            fixed, variants = summary["settings"]["fixed"], summary["variants"]
+        except (CorruptFile, KeyError, TypeError) as e:
+            parts.append(f"<p><code>{esc(path)}</code> could not be read ({esc(str(e).splitlines()[0])}).</p>")
+            continue
+        from normtf.figures import save_png, tuning_figure
+        from normtf.tune import tuning_panels
+
+        body = []
+        for norm, variant in variants.items():
+            told = [t for t in variant["trials"] if t["state"] in ("finished", "diverged")]
+            best = variant["best"]
+            if best is None:
+                body.append([f"<code>{esc(norm)}</code>", str(len(told)), "-", "-", "-", "-", "-", "-"])
+                continue
+            params = best["params"]
+            body.append([f"<code>{esc(norm)}</code>", f"{len(told)} ({sum(t['state'] == 'diverged' for t in told)})",
+                         f"{100 * best['validation_accuracy']:.2f}", str(best["number"]), f"{params['lr']:.3g}",
+                         esc(params["schedule"]), f"{params['dropout']:.3f}",
+                         f"{params['l1']:.2g}" if "l1" in params else "-"])
+        epochs = fixed["epochs"]
+        png = base64.b64encode(save_png(tuning_figure(*tuning_panels(summary)))).decode()
+        parts.append(
+            f"<h3><code>{esc(path.parent)}</code></h3>"
+            f"<p>Each variant's own recipe, searched by <code>normtf tune --runs-dir {esc(path.parent)}</code>: "
+            f"{summary['trials']} trials a variant, each {epochs} epoch{'s' if epochs != 1 else ''} of "
+            f"{summary['train_images']:,} training images, measured on {fixed['validation']:,} images held out of "
+            "the training set. The accuracies here are on those held-out images: the test set is not used to choose. "
+            "<code>--recipe best</code> trains each variant with its best trial's recipe.</p>"
+            + table_html(["variant", "trials (diverged)", "best validation acc (%)", "trial", "lr (peak)", "schedule",
+                          "dropout", "L1"], body, f' id="tuning-table-{number}"')
+            + f'<p><img class="figure" alt="validation accuracy against learning rate, every trial" '
+              f'src="data:image/png;base64,{png}"></p>')
+    return '<h2 id="tuning">Tuning: each variant at its best</h2>' + "".join(parts) if parts else ""
 
 
 @dataclass

@@ -67,7 +67,7 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
         planned.append(RunSpec(preflight(config, directory, per_seed, force), directory, per_seed,
                                 f"{config.norm} at batch size {config.batch_size}, seed {config.seed}"))
     options = Options(force=force, data_dir=data_dir)
-    images = grid.loader(data_dir, warn)  # one load for the runs trained here and the precise statistics
+    images = data.loader(data_dir, warn)  # one load for the runs trained here and the precise statistics
     dataset = functools.partial(images, base.dataset)
     budget = lambda: {"epochs": base.epochs, "train_size": base.train_size or len(dataset().y_train),  # noqa: E731
                       "test_size": base.test_size or len(dataset().y_test)}

@@ -21,7 +21,7 @@ import tensorflow as tf
 from normtf import data
 from normtf import distribute, xla
 from normtf.config import TrainConfig
-from normtf.errors import CorruptFile, Interrupted, NormtfError, UsageError
+from normtf.errors import STOP_SIGNALS, CorruptFile, Interrupted, NormtfError, UsageError
 from normtf.files import atomic_path, write_json
 from normtf.model_files import save_model
 from normtf.models import build_model, trainable_params
@@ -47,6 +47,7 @@ class TrainResult:
     history: list[dict]
     metrics: dict
     reused: bool = False
+    gallery: Path | None = None  # its misclassified test images, where the grid drew them right after training
 
 
 def resolve_device(config: TrainConfig) -> Device:
@@ -79,6 +80,9 @@ def environment(device: Device, strategy: tf.distribute.Strategy) -> dict:
         "replicas": strategy.num_replicas_in_sync,
         "precision": device.precision,
         "jit_compile": device.jit,
+        # Which GPUs the process was given and whether it shares them (a grid's jobs: normtf.job).
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_memory_growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH") == "true",
         "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),  # 0: one per core
                     "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
         "python": platform.python_version(),
@@ -185,16 +189,19 @@ class _EpochKeeper(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.failure is not None:
             return
-        logs = logs or {}
+        logs = logs if logs is not None else {}
+        split = self.config.evaluated_on  # Keras's val_ logs are the test set's, or the validation split's
         record = {
             "epoch": epoch + 1,
             "train_loss": float(logs["ce"]),
             "train_objective": float(logs["loss"]),
             "train_accuracy": float(logs["accuracy"]),
-            "test_loss": float(logs["val_ce"]),
-            "test_accuracy": float(logs["val_accuracy"]),
+            f"{split}_loss": float(logs["val_ce"]),
+            f"{split}_accuracy": float(logs["val_accuracy"]),
             "epoch_time": time.perf_counter() - self.started,
         }
+        if split == "validation":  # named in the logs the callbacks after this one see (progress's lines)
+            logs.update(validation_loss=record["validation_loss"], validation_accuracy=record["validation_accuracy"])
         checkpoint = self.run.checkpoint(epoch + 1)
         with atomic_path(checkpoint) as partial:
             self.model.save_weights(partial)
@@ -224,7 +231,8 @@ def _seed_generators(model):
 
 @contextmanager
 def _interrupts():
-    """Ctrl-C (SIGINT) and SIGTERM (a closed laptop session, `kill`) stop training, surely. Python
+    """Ctrl-C (SIGINT), SIGTERM (`kill`, a container's stop) and SIGHUP (a closed terminal) stop
+    training, surely. Python
     raises the KeyboardInterrupt wherever the main thread happens to be, and inside a finalizer
     (a tf.data iterator's __del__ as an epoch ends) it is printed and dropped: training then ran on
     to its end (seen once in the test suite on a busy machine). So each request is also kept in
@@ -236,7 +244,7 @@ def _interrupts():
         requested.append(signum)
         raise KeyboardInterrupt
     try:
-        previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)
+        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS
                     if signal.getsignal(signum) is not signal.SIG_IGN}
     except ValueError:  # not the main thread: leave signals alone
         yield requested
@@ -316,15 +324,16 @@ def preflight(config: TrainConfig, runs_dir: Path | str, per_seed: bool = False,
 def train(config: TrainConfig, runs_dir: Path | str = "runs",
           dataset: data.Images | Callable[[], data.Images] | None = None, data_dir: Path | None = None,
           callbacks=(), tensorboard: bool = False, force: bool = False, per_seed: bool = False,
-          warn=lambda message: None) -> TrainResult:
+          warn=lambda message: None, lock_token: str | None = None) -> TrainResult:
     """Train `config.norm` into runs_dir/<norm>/ (per_seed: .../seed-<seed>/), resuming or reusing
-    what is already there. `dataset` may be a function, called only if there is training to do."""
+    what is already there. `dataset` may be a function, called only if there is training to do.
+    `lock_token`: a lock on the run held under this token is this process's (RunDir.locked)."""
     config = relevant(config.validate())
     if tensorboard:
         require_tensorboard()  # first: before the data is loaded or the run directory touched
     strategy = make_strategy(config.strategy)
     run = RunDir.for_config(distribute.worker_runs_dir(strategy, runs_dir, warn), config, per_seed)
-    with run.locked(), distribute.peer_failures_as_errors(strategy):
+    with run.locked(lock_token), distribute.peer_failures_as_errors(strategy):
         if run.recover():
             warn(f"{run.path}: a run started with --force never finished an epoch; the run it replaced is back")
         action, history = _start_state(run, config, force, warn)
@@ -334,21 +343,28 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
         images = (dataset() if callable(dataset) else dataset) or data.load(config.dataset, data_dir, warn=warn)
         if images.name != config.dataset:
             raise ValueError(f"a {config.dataset} run was given {images.name} images")  # a bug of the caller
-        for flag, size, available in [("--train-size", config.train_size, len(images.y_train)),
-                                      ("--test-size", config.test_size, len(images.y_test))]:
-            if size is not None and size > available:
-                raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
-        train_idx = data.stratified_subset(images.y_train, config.train_size)
-        test_idx = data.stratified_subset(images.y_test, config.test_size)
+        if config.validation:  # measured on images held out of the training set; the test set is not touched
+            train_idx, eval_idx = data.validation_split(images.y_train, config.validation, config.train_size)
+            eval_x, eval_y = images.x_train, images.y_train
+        else:
+            for flag, size, available in [("--train-size", config.train_size, len(images.y_train)),
+                                          ("--test-size", config.test_size, len(images.y_test))]:
+                if size is not None and size > available:
+                    raise UsageError(f"{flag} {size} is more than the {available:,} images there are")
+            train_idx = data.stratified_subset(images.y_train, config.train_size)
+            eval_idx = data.stratified_subset(images.y_test, config.test_size)
+            eval_x, eval_y = images.x_test, images.y_test
         if config.batch_size > len(train_idx):
             raise UsageError(f"--batch-size {config.batch_size} is more than the {len(train_idx):,} training images")
         steps = data.steps_per_epoch(len(train_idx), config.batch_size)
         model, device, strategy = prepare(config, steps)
         if action == "fresh":  # only now: a bad setting above leaves the directory as it was
             run.set_aside()
+        split = {"validation_images": len(eval_idx), "validation_seed": data.VALIDATION_SEED} if config.validation \
+            else {"test_images": len(eval_idx)}
         write_json(run.config, {"config": config.to_dict(), "environment": environment(device, strategy),
                                 "normtf": code_version(), "data": images.provenance(), "train_images": len(train_idx),
-                                "test_images": len(test_idx), "trainable_params": trainable_params(model),
+                                **split, "trainable_params": trainable_params(model),
                                 "steps_per_execution": model.steps_per_execution})
         if history:
             # Outside the scope: loading creates throwaway Keras objects, whose variables would be
@@ -359,12 +375,11 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
         keeper = _EpochKeeper(run, config, history)
         train_ds = data.train_dataset(images.x_train[train_idx], images.y_train[train_idx], config.batch_size,
                                       config.seed, config.rotation, epochs_done, config.epochs, images.mean, images.std)
-        test_ds = data.test_dataset(images.x_test[test_idx], images.y_test[test_idx], images.mean, images.std,
-                                    EVAL_BATCH)
+        eval_ds = data.test_dataset(eval_x[eval_idx], eval_y[eval_idx], images.mean, images.std, EVAL_BATCH)
         extra = [keras.callbacks.TensorBoard(str(run.path / "tensorboard"))] if tensorboard else []
         try:
             with _interrupts() as keeper.interrupts:
-                model.fit(train_ds, validation_data=test_ds, epochs=config.epochs, initial_epoch=epochs_done,
+                model.fit(train_ds, validation_data=eval_ds, epochs=config.epochs, initial_epoch=epochs_done,
                           steps_per_epoch=steps, callbacks=[keeper, *extra, *callbacks], shuffle=False, verbose=0)
         except BaseException as e:
             restored = run.recover()  # a --force run that never finished an epoch gives the old run back
@@ -374,7 +389,7 @@ def train(config: TrainConfig, runs_dir: Path | str = "runs",
                 kept = (f"the finished run it was replacing is back in {run.path}" if restored else
                         f"{len(history)} of {config.epochs} epochs of {config.norm} are kept in {run.path}; "
                         "run the same command again to resume")
-                raise Interrupted(f"interrupted: {kept}") from None
+                raise Interrupted(f"interrupted: {kept}", keeper.interrupts[0] if keeper.interrupts else None) from None
             if device.jit and isinstance(e, tf.errors.OpError) and "XLA" in str(e):
                 raise NormtfError(_xla_failure(e)) from None
             raise

@@ -11,6 +11,13 @@ gradient flows through the standardization to the raw kernel, which is what the 
 w_hat is a function of the weights, so a saved model holds a plain keras.layers.Conv2D with w_hat as
 its kernel (`saved_as`); the raw kernel is training's business (and the checkpoint's, so that a
 resumed run continues from it). Plain Keras, no fused path.
+
+Under mixed precision Keras hands a layer its float32 variables cast to float16; standardizing that
+rounded kernel would give another w_hat than the file's, which is standardized from the float32
+kernel (a third of the weights differed by a float16 step). So the kernel is read in float32 in
+every precision (the variable is made without autocast, Keras's add_weight flag), standardized in
+float32 and cast to the compute dtype: the kernel training convolves with is the file's, cast as
+Keras casts the file's Conv2D kernel when it runs it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ def standardize(kernel):
 @keras.saving.register_keras_serializable(package="normtf")
 class WSConv2D(keras.layers.Conv2D):
     """keras.layers.Conv2D that convolves with its standardized kernel (channels last)."""
+
+    def add_weight(self, *args, **kwargs):
+        """Conv2D's weights; the kernel without autocast: read in float32 in every precision."""
+        if kwargs.get("name") == "kernel":
+            kwargs["autocast"] = False
+        return super().add_weight(*args, **kwargs)
 
     def convolution_op(self, inputs, kernel):
         return super().convolution_op(inputs, ops.cast(standardize(kernel), inputs.dtype))

@@ -21,11 +21,13 @@ from normtf import data  # noqa: E402
 # the other has finished.
 LONGEST_FIRST = {
     "fast": ["test_cli.py", "test_layers.py", "test_training.py", "test_bench.py", "test_evaluate.py", "test_fashion.py",
-             "test_sweep.py", "test_report.py", "test_data.py", "test_model_files.py", "test_grid.py", "test_quartet.py",
-             "test_gpu_config.py", "test_evaluate_run.py", "test_tensorboard.py", "test_logs.py", "test_figures.py",
-             "test_interrupt.py", "test_bad_values.py", "test_explain.py", "test_renorm.py", "test_distributed.py"],
-    "slow": ["test_distributed.py", "test_cluster.py", "test_grid.py", "test_two_worker_reruns.py", "test_interrupt.py", "test_gpu_config.py", "test_model_files.py", "test_results.py",
-             "test_report.py", "test_sweep.py", "test_explain.py", "test_evaluate.py", "test_training.py", "test_cli.py"],
+             "test_sweep.py", "test_tune.py", "test_report.py", "test_data.py", "test_model_files.py", "test_grid.py",
+             "test_quartet.py", "test_gpu_config.py", "test_evaluate_run.py", "test_tensorboard.py", "test_logs.py",
+             "test_figures.py", "test_interrupt.py", "test_bad_values.py", "test_explain.py", "test_renorm.py",
+             "test_distributed.py", "test_runs.py"],
+    "slow": ["test_distributed.py", "test_cluster.py", "test_grid.py", "test_tune.py", "test_two_worker_reruns.py",
+             "test_interrupt.py", "test_gpu_config.py", "test_model_files.py", "test_results.py", "test_report.py",
+             "test_sweep.py", "test_explain.py", "test_evaluate.py", "test_training.py", "test_cli.py"],
 }
 
 

@@ -31,7 +31,8 @@ def test_help_lists_the_commands_without_installing():
     out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "COLUMNS": "80"})
     listed = {line.split()[0]: line for line in out.stdout.split("Commands:")[1].strip().splitlines()}
-    assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "bench", "report"}
+    assert set(listed) == {"train", "compare", "gallery", "data", "evaluate", "explain", "diagrams", "sweep", "tune",
+                           "bench", "report"}
     assert not [line for line in listed.values() if line.endswith("...")]  # no description cut short
     assert out.stderr == ""
 
@@ -57,7 +58,7 @@ def test_cli_py_trains_from_a_copy_with_the_copys_code(tmp_path):
 
 def test_help_says_what_each_option_takes():
     train_help = " ".join(run("train", "--help").output.split())
-    assert "--recipe <reference|tuned>" in train_help and "--jit <auto|on|off>" in train_help
+    assert "--recipe <reference|tuned|best>" in train_help and "--jit <auto|on|off>" in train_help
     assert "--schedule <constant|one-cycle>" in train_help and "<bool>" not in train_help
     assert "--force Retrain" in train_help  # a flag shows no value placeholder
     assert "pip install 'normtf[bench]'" in " ".join(run("bench", "--help").output.split())
@@ -269,6 +270,19 @@ def test_tuned_recipe_sets_its_values_and_given_flags_override_them(tmp_path):
     assert run("train", "--recipe", "fast").exit_code == 2
 
 
+def test_train_on_a_validation_split_is_measured_and_shown_on_it(tmp_path):
+    """`train --validation N`, as normtf tune's trials train: the held-out images measure the run, the
+    table says so, and its records are the split's (the test set is not evaluated: tests/test_tune.py)."""
+    runs = tmp_path / "runs"
+    result = run("train", "--norm", "group", "--epochs", "1", "--train-size", "256", "--validation", "500",
+                 "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    assert "validation loss" in result.output and "final val" in result.output
+    history = json.loads((runs / "group" / "history.json").read_text())
+    assert "validation_accuracy" in history[0] and "test_accuracy" not in history[0]
+    assert json.loads((runs / "group" / "config.json").read_text())["config"]["validation"] == 500
+
+
 @pytest.mark.slow  # two TensorFlow processes: 15 s
 def test_commands_start_without_tensorflow_lines_unless_verbose():
     """TensorFlow's C++ start-up lines (cuInit and friends) stay hidden on a CPU machine."""
@@ -369,7 +383,7 @@ def test_the_results_table_of_all_variants_and_three_seeds_fits_80_columns():
                    "final_test_loss": 0.123456, "mean_epoch_time": 154.3}
         if status == "failed":
             metrics["failure"] = {"epoch": 3, "step": 120}
-        return SimpleNamespace(metrics=metrics, reused=False, config=SimpleNamespace(seed=seed))
+        return SimpleNamespace(metrics=metrics, reused=False, config=SimpleNamespace(seed=seed, evaluated_on="test"))
 
     groups = {norm: [result(norm, 42 + i, 0.9844 + i / 1000) for i in range(3)] for norm in NORMS_ALL}
     groups["batch"][2] = result("batch", 44, 0.1, status="failed")

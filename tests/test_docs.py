@@ -59,12 +59,12 @@ def test_readme_is_a_front_door_that_links_every_docs_page():
 
 
 def test_readme_tables_are_the_ones_in_docs_results():
-    """The README shows two tables, MNIST's headline and Fashion-MNIST's; each is a copy of the full
-    write-up's, so the two cannot drift apart."""
+    """The README's tables of results (MNIST's headline) are copies of the full write-up's, so the two
+    cannot drift apart."""
     readme = (ROOT / "README.md").read_text()
     header = "| variant | recipe | params | seeds |"
     tables = [header + part.split("\n\n")[0] for part in readme.split(header)[1:]]
-    # header, rule, then rows: MNIST's eight variants (instance cannot learn); Fashion-MNIST's eight and three tuned
-    assert [table.count("\n") for table in tables] == [9, 12]
+    # header, rule, then rows: MNIST's eight variants (instance cannot learn)
+    assert [table.count("\n") for table in tables] == [9]
     for table in tables:
         assert table in (ROOT / "docs" / "results.md").read_text()

@@ -2,7 +2,6 @@
 line per run in a log, a killed job, Ctrl-C and resume, two commands on one runs directory."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from normtf import grid
+from normtf import grid, machine
 from normtf.job import RUNS_PER_GPU
 from normtf.cli import app
 from normtf.runs import RunDir
+from processes import default_handling, kill_descendant
 
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200"]
 # Two epochs of 1,500 images: time to stop a run inside epoch 2.
@@ -32,7 +32,7 @@ def start(*args):
     """`normtf ...` in the background; SIGINT as a terminal delivers it (see test_interrupt.py)."""
     return subprocess.Popen([sys.executable, "-m", "normtf", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_handling(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 
 
 def wait_for(condition, process, timeout=240):
@@ -55,8 +55,8 @@ def epochs_done(run: RunDir) -> int:
 # --- how many at once -------------------------------------------------------------------------
 
 def test_auto_is_one_job_per_core_and_never_more_than_the_runs(monkeypatch):
-    monkeypatch.setattr(grid, "cores", lambda: 8)
-    monkeypatch.setattr(grid, "available_memory", lambda: None)
+    monkeypatch.setattr(machine, "cores", lambda: 8)
+    monkeypatch.setattr(machine, "available_memory", lambda: None)
     assert grid.jobs_at_once(None, runs=15) == 8
     assert grid.jobs_at_once(None, runs=5) == 5
     assert grid.jobs_at_once(None, runs=1) == 1
@@ -66,10 +66,10 @@ def test_auto_is_one_job_per_core_and_never_more_than_the_runs(monkeypatch):
 
 
 def test_auto_leaves_room_in_memory_and_shares_gpus(monkeypatch):
-    monkeypatch.setattr(grid, "cores", lambda: 64)
-    monkeypatch.setattr(grid, "available_memory", lambda: 6 * grid.JOB_MEMORY + 1)
+    monkeypatch.setattr(machine, "cores", lambda: 64)
+    monkeypatch.setattr(machine, "available_memory", lambda: 6 * grid.JOB_MEMORY + 1)
     assert grid.jobs_at_once(None, runs=63) == 6
-    monkeypatch.setattr(grid, "available_memory", lambda: None)
+    monkeypatch.setattr(machine, "available_memory", lambda: None)
     assert grid.jobs_at_once(None, runs=63, gpus=1) == RUNS_PER_GPU
     assert grid.jobs_at_once(None, runs=63, gpus=2) == 2 * RUNS_PER_GPU
 
@@ -104,6 +104,25 @@ def test_two_jobs_train_both_runs_with_a_line_each_in_a_log(tmp_path):
 
 
 @pytest.mark.slow
+def test_each_job_sees_one_of_the_gpus_left_visible_with_memory_growth(tmp_path, monkeypatch):
+    """--jobs on a machine with two GPUs of which the user left cards 2 and 3 visible: job 0 trains on
+    card 2 and job 1 on card 3 (never 0 and 1, perhaps someone else's), each sharing its card (memory
+    growth on), as each run's config.json records. The GPUs are pretended (this machine has none:
+    the runs train on its CPU), what each job is given is real."""
+    from normtf.config import TrainConfig
+    from normtf.job import Options, RunSpec
+
+    monkeypatch.setattr(grid, "gpu_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    config = TrainConfig(norm="group", epochs=1, train_size=256, test_size=100)
+    runs = [RunSpec(config.replace(seed=seed), tmp_path, True, f"seed {seed}") for seed in (1, 2)]
+    results = grid.run(runs, jobs=2, options=Options(threads=1))
+    environments = [json.loads(r.run.config.read_text())["environment"] for r in results]
+    assert sorted(e["cuda_visible_devices"] for e in environments) == ["2", "3"]
+    assert all(e["gpu_memory_growth"] for e in environments)
+
+
+@pytest.mark.slow
 def test_deterministic_runs_are_the_same_alone_or_side_by_side(tmp_path):
     """--jobs 1 trains in this process, --jobs 3 in three: history and weights are the same bits,
     because --deterministic gives every run one thread whatever the jobs (the thread count
@@ -126,50 +145,127 @@ def model_weights(run: RunDir) -> list[np.ndarray]:
     return [np.asarray(w) for w in load_model(run.model).get_weights()]
 
 
+def descendants(process) -> list:
+    """The processes the test's `process` started (its jobs), as psutil sees them now."""
+    import psutil
+
+    return psutil.Process(process.pid).children(recursive=True)
+
+
+def alive(processes) -> list:
+    import psutil
+
+    def running(p):
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [p for p in processes if running(p)]
+
+
+def job_training(process, run: RunDir) -> int:
+    """The pid of the job training `run`: the pid its lock names, once that is one of the processes
+    this test's `process` started (processes.kill_descendant checks it again as it signals)."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            pid = int(run.lock_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = None
+        if pid in {p.pid for p in descendants(process)}:
+            return pid
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no job of ours holds {run.path}")
+
+
+# Three runs on two jobs: when the command is stopped, one job trains and a run waits for a job.
+THREE = ["compare", "--norm", "group", "--norm", "layer-c", "--norm", "none", *LONGER, "--jobs", "2"]
+
+
 @pytest.mark.slow
-def test_a_killed_job_fails_its_run_only_and_the_same_command_resumes_it(tmp_path):
-    args = ["compare", "--norm", "group", "--norm", "layer-c", *LONGER, "--jobs", "2",
-            "--runs-dir", tmp_path, "--img-dir", tmp_path / "img"]
+@pytest.mark.parametrize("signum, when", [(signal.SIGKILL, "training"), (signal.SIGKILL, "starting"),
+                                          (signal.SIGHUP, "training")])
+def test_the_command_killed_or_hung_up_leaves_no_process_and_the_same_command_resumes(tmp_path, signum, when):
+    """SIGKILL (no handler runs: each job learns its parent is gone and stops) or SIGHUP (a closed
+    terminal: handled as SIGTERM), while the jobs train or while they start: within seconds no
+    process of the grid is left, no lock is stale, and the same command finishes every run."""
+    args = [*THREE, "--runs-dir", tmp_path, "--img-dir", tmp_path / "img"]
     process = start(*args)
-    victim, other = RunDir(tmp_path / "group"), RunDir(tmp_path / "layer-c")
+    if when == "training":
+        wait_for(lambda: epochs_done(RunDir(tmp_path / "group")) >= 1, process)
+    else:
+        wait_for(lambda: len(descendants(process)) == 2, process, timeout=60)
+    jobs = descendants(process)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    if signum == signal.SIGHUP:
+        assert process.returncode == 130, err
+        assert err.strip().splitlines()[-1].startswith("interrupted: 0 of 3 runs are finished") and "Traceback" not in err
+    deadline = time.time() + 10
+    while alive(jobs) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(jobs), [p.cmdline() for p in alive(jobs)]
+
+    again = normtf(*args)
+    assert again.returncode == 0, again.stderr
+    if when == "training":
+        assert "group: resuming after epoch 1 of 2" in again.stdout
+    for norm in ("group", "layer-c", "none"):
+        run = RunDir(tmp_path / norm)
+        assert [r["epoch"] for r in run.read_history()] == [1, 2] and run.status() == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_to_one_job_fails_its_run_only_and_the_same_command_resumes_it(tmp_path, signum):
+    """`kill PID` (SIGTERM) or SIGKILL to the job training one run: that run fails in one line, its
+    finished epochs kept; the other runs go on; the command exits 3 without a traceback; the same
+    command resumes the run."""
+    args = [*THREE, "--runs-dir", tmp_path, "--img-dir", tmp_path / "img"]
+    process = start(*args)
+    victim = RunDir(tmp_path / "group")
     wait_for(lambda: epochs_done(victim) >= 1, process)
-    os.kill(int(victim.lock_file.read_text()), signal.SIGKILL)  # the job's process, as the run's lock names it
+    kill_descendant(job_training(process, victim), process, signum)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 3, err
-    assert other.status() == "finished"  # the other job went on
-    assert "group: failed: its process ended (killed by SIGKILL) during training" in out
-    assert "1 of 2 runs failed" in err and "Traceback" not in err
+    said = {signal.SIGTERM: "group: failed: its process was stopped (SIGTERM, not by this command) after 1 of 2 "
+                            "epochs; they are kept, and the same command resumes it",
+            signal.SIGKILL: "group: failed: its process ended (killed by SIGKILL) during training"}[signum]
+    assert any(line.startswith(said) for line in out.splitlines()), out
+    assert all(RunDir(tmp_path / norm).status() == "finished" for norm in ("layer-c", "none"))  # the others went on
+    assert "1 of 3 runs failed" in err and "Traceback" not in err + out
     assert victim.status() == "partial"
 
     again = normtf(*args)
     assert again.returncode == 0, again.stderr
-    assert [r["epoch"] for r in victim.read_history()] == [1, 2]
-    assert "training 1 run, " not in again.stdout  # one run left: trained here, no pool
-    assert victim.status() == "finished"
+    assert "group: resuming after epoch 1 of 2" in again.stdout
+    assert [r["epoch"] for r in victim.read_history()] == [1, 2] and victim.status() == "finished"
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_job_in_one_line_and_the_same_command_resumes_them(tmp_path):
-    # Five epochs, not two: on a loaded machine one job can start seconds after the other, and
-    # with two epochs the first had finished before the second logged its first (CI, 2026-12-05).
-    args = ["compare", "--norm", "group", "--norm", "batch", "--epochs", "5", "--train-size", "1500",
-            "--test-size", "200", "--deterministic", "--jobs", "2",
-            "--runs-dir", tmp_path, "--img-dir", tmp_path / "img"]
+def test_ctrl_c_while_the_jobs_start_is_one_line_and_a_second_one_ends_at_once(tmp_path):
+    args = [*THREE, "--runs-dir", tmp_path, "--img-dir", tmp_path / "img"]
     process = start(*args)
-    runs = [RunDir(tmp_path / "group"), RunDir(tmp_path / "batch")]
-    wait_for(lambda: all(epochs_done(run) >= 1 for run in runs), process)
-    process.send_signal(signal.SIGINT)
+    wait_for(lambda: len(descendants(process)) == 2, process, timeout=60)
+    jobs = descendants(process)
+    process.send_signal(signal.SIGINT)  # the jobs are importing TensorFlow
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert err.strip().splitlines()[-1] == ("interrupted: 0 of 2 runs are finished; the unfinished ones keep their "
-                                            "finished epochs; run the same command again to resume them")
-    assert "Traceback" not in err
-    assert all(run.status() == "partial" and not run.lock_file.exists() for run in runs)
+    assert err.strip().splitlines() == ["interrupted: 0 of 3 runs are finished; the unfinished ones keep their finished "
+                                        "epochs; run the same command again to resume them"]
+    assert not alive(jobs)
 
-    again = normtf(*args)
-    assert again.returncode == 0, again.stderr
-    for run in runs:
-        assert [r["epoch"] for r in run.read_history()] == [1, 2, 3, 4, 5]
+    process = start(*args)
+    wait_for(lambda: epochs_done(RunDir(tmp_path / "group")) >= 1, process)
+    jobs = descendants(process)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)  # don't wait: the jobs are killed at once
+    started = time.monotonic()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and time.monotonic() - started < 10, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: ")
+    assert not alive(jobs)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pytest
 
 from normtf.evaluation import evaluate_file
 from normtf.runs import RunDir
+from processes import default_handling
 
 # Two epochs of 24 steps: time to stop a run inside epoch 2, which takes seconds.
 ARGS = ["--norm", "group", "--epochs", "2", "--train-size", "3000", "--test-size", "1000", "--deterministic"]
@@ -20,12 +21,12 @@ ARGS = ["--norm", "group", "--epochs", "2", "--train-size", "3000", "--test-size
 
 def start(runs_dir, command="train", args=ARGS):
     where = ["--runs-dir", str(runs_dir)] + (["--img-dir", str(runs_dir / "img")] if command == "compare" else [])
-    # Ctrl-C as in a terminal: a suite started in the background (`nohup pytest &`) hands its
-    # children SIGINT ignored, and normtf rightly keeps ignoring it then.
+    # Ctrl-C and SIGTERM as in a terminal: a suite started in the background (`nohup pytest &`)
+    # hands its children SIGINT ignored, and normtf rightly keeps ignoring it then.
     return subprocess.Popen([sys.executable, "-m", "normtf", command, *args, *where],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_handling(signal.SIGINT, signal.SIGTERM))
 
 
 def wait_for_epochs(run: RunDir, count: int, process, timeout=180):

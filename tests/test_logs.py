@@ -10,17 +10,21 @@ import sys
 import time
 from pathlib import Path
 
+from processes import default_handling
+
 ROOT = Path(__file__).resolve().parent.parent
 INTERRUPTED = "interrupted; finished runs and epochs are kept\n"
 
 
 def normtf(*args, pythonpath=(), **popen):
     """`normtf ARGS` as a user starts it (python -m normtf runs the same main), this checkout's
-    code first; TensorFlow's log level as a user has it (unset)."""
+    code first; TensorFlow's log level as a user has it (unset); Ctrl-C and SIGTERM handled as in
+    a terminal, even where the suite runs under `&` in a script (SIGINT ignored there)."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), str(ROOT)])
     return subprocess.Popen([sys.executable, "-m", "normtf", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_handling(signal.SIGINT, signal.SIGTERM), **popen)
 
 
 def test_a_piped_train_is_whole_lines_and_a_sigterm_while_it_exits_is_130(tmp_path):

@@ -210,14 +210,39 @@ def test_the_page_says_when_the_dataset_cannot_be_loaded(tmp_path):
     assert "<img " not in page and len(said) == 1
 
 
-def test_a_sweep_alone_is_a_page_and_a_tuning_study_is_named(tmp_path):
+def a_tuning(directory: Path) -> dict:
+    """A tuning's tune.json as normtf tune writes it (tune.summarize), of studies told by hand:
+    batch's best is trial 0, group's trial 1, one of batch's trials diverged."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from normtf import tune
+    from normtf.config import TrainConfig
+    from normtf.files import write_json
+
+    studies = {}
+    for norm, told in {"batch": [0.9912, 0.9871, None], "group": [0.9880, 0.9905]}.items():
+        study = optuna.create_study(direction="maximize")
+        for number, value in enumerate(told):
+            study.add_trial(create_trial(params={"lr": 0.01 * 3**number, "schedule": "one-cycle", "dropout": 0.05},
+                                         distributions=tune.space(norm), value=value,
+                                         state=TrialState.COMPLETE if value else TrialState.PRUNED))
+        studies[norm] = study
+    summary = tune.summarize(studies, TrainConfig(epochs=5, validation=10_000), directory, 3, 50_000)
+    write_json(directory / "tune.json", summary)
+    return summary
+
+
+def test_a_sweep_alone_is_a_page_and_a_tuning_shows_each_variants_best_recipe(tmp_path):
     shutil.copy(RESULTS / "sweep.json", tmp_path / "sweep.json")
-    (tmp_path / "tune").mkdir()
-    (tmp_path / "tune" / "study.db").write_bytes(b"")
+    a_tuning(tmp_path / "tune")
     page = report.build(tmp_path, tmp_path / "page.html").path.read_text()
     header = tables(page)["sweep-table-0"][0]
     assert header[:4] == ["batch size", "lr", "batch, moving averages", "batch, precise statistics"]
-    assert 'id="tuning"' in page and "tune/study.db" in page
+    assert 'id="tuning"' in page and f"normtf tune --runs-dir {tmp_path / 'tune'}" in page
+    assert tables(page)["tuning-table-0"][1:] == [["batch", "3 (1)", "99.12", "0", "0.01", "one-cycle", "0.050", "-"],
+                                                  ["group", "2 (0)", "99.05", "1", "0.03", "one-cycle", "0.050", "-"]]
+    assert 'alt="validation accuracy against learning rate, every trial" src="data:image/png;base64,' in page
     assert "normtf sweep --norm batch --norm layer --norm group --norm none --norm batch-renorm --norm group-ws " \
            f"--batch-sizes 2,4,8,16,32,64,128 --out {tmp_path / 'sweep.json'}" in page
 

@@ -167,6 +167,16 @@ def test_a_run_directory_is_locked_against_a_second_trainer(dataset, tmp_path):
             train(TrainConfig(norm="layer", **TINY), tmp_path, dataset=dataset)
 
 
+def test_a_run_locked_by_the_command_that_started_the_trainer_is_trained_under_that_lock(dataset, tmp_path):
+    """On Ray the driver holds each run's lock while its job trains it in place: the job, given the
+    driver's token, trains the run and leaves the lock to the driver."""
+    run = RunDir(tmp_path / "layer")
+    with run.locked("driver-token"):
+        result = train(TrainConfig(norm="layer", **TINY), tmp_path, dataset=dataset, lock_token="driver-token")
+        assert result.metrics["status"] == "finished" and run.held_for("driver-token")
+    assert run.status() == "finished" and not run.lock_file.exists()
+
+
 def test_corrupt_history_is_reported_and_the_run_started_over(dataset, tmp_path):
     config = TrainConfig(norm="layer", epochs=1, train_size=1000, test_size=500)
     run = RunDir(tmp_path / "layer")

@@ -1,6 +1,7 @@
 """Weight standardization (normtf.wsconv) against a float64 NumPy computation of Qiao et al.'s
 formula as their reference code computes it: outputs, gradients through the standardization, and
-the plain Conv2D holding the standardized kernel that a file holds."""
+the plain Conv2D holding the standardized kernel that a file holds, in float32 and under
+mixed_float16 (the GPU's precision)."""
 
 import keras
 import numpy as np
@@ -78,3 +79,38 @@ def test_a_model_file_holds_conv2d_and_predicts_as_trained(tmp_path, test_batch)
         np.testing.assert_allclose(theirs.kernel.numpy(), standardized(mine.kernel.numpy()), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(plain.predict(test_batch, verbose=0), model.predict(test_batch, verbose=0),
                                rtol=0, atol=1e-5)
+
+
+def test_under_mixed_float16_the_file_holds_the_kernel_training_convolves_with(tmp_path, test_batch, monkeypatch):
+    """Keras hands a layer its variables cast to float16 under mixed_float16, and casts a loaded
+    file's float32 Conv2D kernel to float16 when it runs it. The kernel the model convolves with in
+    training, standardized from the float32 one and then cast, is the file's kernel so cast, to the
+    bit (standardizing the float16-cast kernel made a third of them differ); and the file predicts
+    what the model predicts, in that precision."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model("group-ws")
+        save_model(model, tmp_path / "model.keras")
+        plain = keras.saving.load_model(tmp_path / "model.keras")
+
+        convolved = {}  # layer name -> the kernel its convolution got
+        convolve_with = keras.layers.Conv2D.convolution_op
+
+        def recording(conv, inputs, kernel):
+            convolved[conv.name] = keras.ops.convert_to_numpy(kernel)
+            return convolve_with(conv, inputs, kernel)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(keras.layers.Conv2D, "convolution_op", recording)
+            model(test_batch[:2], training=True)
+        trained, saved = (keras.ops.convert_to_numpy(m(test_batch, training=False)) for m in (model, plain))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    convs = {layer.name: layer for layer in plain.layers}
+    names = [layer.name for layer in model.layers if isinstance(layer, wsconv.WSConv2D)]
+    assert len(names) == 6 and all(convs[name].compute_dtype == "float16" for name in names)
+    for name in names:
+        assert convolved[name].dtype == np.float16
+        np.testing.assert_array_equal(convolved[name], convs[name].kernel.numpy().astype(np.float16))
+    np.testing.assert_allclose(saved, trained, rtol=0, atol=1e-2)  # log-probabilities, from float16 activations
+    assert (saved.argmax(axis=1) == trained.argmax(axis=1)).all()
