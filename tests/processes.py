@@ -74,3 +74,15 @@ def end_session(leader: subprocess.Popen, grace: float = 60) -> list[psutil.Proc
     while (left := session(leader.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)  # killed orphans are reaped by init in their own time
     return left
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll `condition` until it holds; fail if `process` (which the test started) ends first, with
+    its output, or after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s")

@@ -15,7 +15,7 @@ from normtf import grid, machine
 from normtf.job import RUNS_PER_GPU
 from normtf.cli import app
 from normtf.runs import RunDir
-from processes import default_handling, kill_descendant
+from processes import default_handling, kill_descendant, wait_for
 
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200"]
 # Two epochs of 1,500 images: time to stop a run inside epoch 2.
@@ -34,15 +34,6 @@ def start(*args):
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_handling(signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 
-
-def wait_for(condition, process, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def epochs_done(run: RunDir) -> int:

@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from normtf.config import TrainConfig
 from normtf.errors import Interrupted, RunFailed
 from normtf.runs import RunDir, history_keys
 from normtf.training import TrainResult, train
+from processes import default_handling, wait_for
 
 TINY = ["--epochs", "1", "--train-size", "256", "--validation", "500"]
 
@@ -39,7 +39,7 @@ def start(*args):
     """`normtf ...` in the background; SIGINT as a terminal delivers it (see test_interrupt.py)."""
     return subprocess.Popen([sys.executable, "-m", "normtf", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_handling(signal.SIGINT))
 
 
 def snapshot(directory):
@@ -430,15 +430,6 @@ def epochs_done(run_path) -> int:
     except (OSError, ValueError):
         return 0
 
-
-def wait_for(condition, process, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
 
 
 @pytest.mark.slow
