@@ -59,7 +59,7 @@ def results_table(groups: dict[str, list], title: str = "Results") -> Table:
         failed = [r.metrics["failure"] for r in group if r.metrics.get("status") == "failed"]
         status = "reused" if all(r.reused for r in group) else "trained"
         if failed:
-            status = "; ".join(f"[red]failed[/]: " + (f"loss not finite at epoch {f['epoch']}, step {f['step']}"
+            status = "; ".join("[red]failed[/]: " + (f"loss not finite at epoch {f['epoch']}, step {f['step']}"
                                                       if "step" in f else escape(f.get("short", f["reason"])))
                                for f in failed)
         elif any(r.metrics.get("status") == "busy" for r in group):

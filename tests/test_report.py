@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from normtf import report
-from normtf.runs import RunDir
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "results"
