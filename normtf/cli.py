@@ -298,12 +298,13 @@ def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "m
                    "a dataset other than MNIST); name results/sweep.json only to replace the committed sweep.")] = None,
           extend: Annotated[Optional[Path], typer.Option(
               help="Add these variants to a sweep's JSON: its rows of the other variants are kept, when it measured "
-                   "the same dataset, budget, batch sizes, seeds and learning rates (else exit 2). --out defaults to "
-                   "this file.")] = None,
+                   "the same dataset, budget, recipe (--dropout, --groups), batch sizes, seeds and learning rates "
+                   "(else exit 2). --out defaults to this file.")] = None,
           img_dir: ImgDir = None, data_dir: DataDir = None, force: Force = False, jobs: Jobs = "auto",
           cluster: Cluster = None):
     """Test error against batch size. Each variant at each batch size and seed, on the same budget of images;
-    batch norm also with precise statistics (each layer's mean and variance recomputed over the training images)."""
+    batch norm also with precise statistics (each layer's mean and variance recomputed over the training images,
+    with dropout on and off)."""
     from normtf import sweep as sweeps
     from normtf.console import console, sweep_table, warn
     from normtf.files import read_json
