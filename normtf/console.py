@@ -43,8 +43,9 @@ COMPACT = dict(box=box.SIMPLE_HEAD, padding=0, show_edge=False)
 
 def results_table(groups: dict[str, list], title: str = "Results") -> Table:
     """One row per variant (`groups`: its runs, one per seed): params, final and best test accuracy
-    (mean ± std over seeds), final test loss, time per epoch."""
-    table = Table(title=title, **COMPACT)
+    (mean ± std over seeds), final test loss, time per epoch. The caption says what "best" is."""
+    table = Table(title=title, caption="best: each run's highest test accuracy over its epochs, picked on the test "
+                                       "set (optimistic by construction), and the epoch", **COMPACT)
     for column in ["variant", "params", "seeds", "final test\nacc", "best test acc\n(epoch)", "final test\nloss",
                    "s /\nepoch", "status"]:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right",
