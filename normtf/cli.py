@@ -327,12 +327,13 @@ def sweep(ctx: typer.Context, norm: SweepNorms = None, dataset: DatasetName = "m
                    "a dataset other than MNIST); name results/sweep.json only to replace the committed sweep.")] = None,
           extend: Annotated[Optional[Path], typer.Option(
               help="Add these variants to a sweep's JSON: its rows of the other variants are kept, when it measured "
-                   "the same dataset, budget, batch sizes, seeds and learning rates (else exit 2). --out defaults to "
-                   "this file.")] = None,
+                   "the same dataset, budget, recipe (--dropout, --groups), batch sizes, seeds and learning rates "
+                   "(else exit 2). --out defaults to this file.")] = None,
           img_dir: ImgDir = None, data_dir: DataDir = None, force: Force = False, jobs: Jobs = "auto",
           cluster: Cluster = None):
     """Test error against batch size. Each variant at each batch size and seed, on the same budget of images;
-    batch norm also with precise statistics (each layer's mean and variance recomputed over the training images)."""
+    batch norm also with precise statistics (each layer's mean and variance recomputed over the training images,
+    with dropout on and off)."""
     from normtf import sweep as sweeps
     from normtf.console import console, sweep_table, warn
     from normtf.files import read_json
@@ -434,8 +435,9 @@ def evaluate(path: Annotated[Path, typer.Argument(
                       "(its config.json's test_size, the subset it was tested on in training), else all.")] = None,
              precise_bn: Annotated[bool, typer.Option(
                  "--precise-bn", help="Also with precise batch-norm statistics: each batch-norm layer's mean and "
-                                      "variance recomputed over the run's training images, weights frozen "
-                                      "(PreciseBN), instead of the moving averages of training.")] = False,
+                                      "variance recomputed over the run's training images (unrotated), weights "
+                                      "frozen (PreciseBN), instead of the moving averages of training; twice, with "
+                                      "dropout on (as in training) and off (as at test time).")] = False,
              data_dir: DataDir = None):
     """Measure a saved model on the test set. It is loaded safely: no code in the file is run."""
     from normtf.console import confusion_table, console, warn
@@ -450,16 +452,21 @@ def evaluate(path: Annotated[Path, typer.Argument(
     size = test_size if test_size is not None else own and own.test_size
     result = evaluate_file(path, images, size, warn=warn)
     console.print(f"test set: {which_test_set(images, size, own is not None and test_size is None)}", highlight=False)
-    console.print(f"{path}: test loss {result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% "
-                  f"({result.correct:,} of {result.total:,} correct)")
+    console.print(f"{path}{', with the moving averages of training' if precise_bn else ''}: test loss "
+                  f"{result.loss:.4f}, accuracy {100 * result.accuracy:.2f}% ({result.correct:,} of {result.total:,} correct)")
     if not precise_bn:
         console.print(confusion_table(result))
         return
-    precise = evaluate_file(path, images, size, precise_bn=True, warn=warn)
-    console.print(f"with precise batch-norm statistics: test loss {precise.loss:.4f}, accuracy "
-                  f"{100 * precise.accuracy:.2f}% ({precise.correct:,} of {precise.total:,} correct)")
-    console.print(confusion_table(result, "with the moving averages of training"))
-    console.print(confusion_table(precise, "with precise batch-norm statistics"))
+    measured, said = [("with the moving averages of training", result)], []
+    for words in ["on, as in training", "off, as at test time"]:  # normtf.precise_bn: what each separates
+        precise = evaluate_file(path, images, size, precise_bn=True, dropout=words.startswith("on"), warn=said.append)
+        measured.append((f"with precise batch-norm statistics, dropout {words}", precise))
+        console.print(f"{measured[-1][0]}: test loss {precise.loss:.4f}, accuracy {100 * precise.accuracy:.2f}% "
+                      f"({precise.correct:,} of {precise.total:,} correct)")
+    for message in dict.fromkeys(said):  # a model without batch norm is said so once
+        warn(message)
+    for name, each in measured:
+        console.print(confusion_table(each, name))
 
 
 @app.command()

@@ -44,10 +44,12 @@ COMPACT = dict(box=box.SIMPLE_HEAD, padding=0, show_edge=False)
 def results_table(groups: dict[str, list], title: str = "Results") -> Table:
     """One row per variant (`groups`: its runs, one per seed): params, final and best test accuracy
     (mean ± std over seeds), final test loss, time per epoch; of runs measured on a validation
-    split (--validation), those of the split, and the columns say so."""
+    split (--validation), those of the split, and the columns say so. The caption says what "best" is."""
     split = "validation" if all(r.config.evaluated_on == "validation" for g in groups.values() for r in g) else "test"
     word = {"test": "test", "validation": "val"}[split]
-    table = Table(title=title, **COMPACT)
+    table = Table(title=title, caption=f"best: each run's highest {split} accuracy over its epochs, picked on the "
+                                       f"{split} set" + (" (optimistic by construction)" if split == "test" else "")
+                                       + ", and the epoch", **COMPACT)
     for column in ["variant", "params", "seeds", f"final {word}\nacc", f"best {word} acc\n(epoch)",
                    f"final {word}\nloss", "s /\nepoch", "status"]:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right",
@@ -95,17 +97,23 @@ def _spread(values: list[float], percent: bool = False) -> str:
     return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}{unit}"
 
 
+def recipe_words(recipe: dict) -> str:
+    """A sweep's recorded recipe (normtf.sweep.sweep_recipe) in a title: "dropout 0.1", "dropout 0, groups 1"."""
+    return ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}" for name, value in recipe.items())
+
+
 def sweep_table(summary: dict, most: int = 4) -> Group:
     """Test error (%) with batch sizes down and variants across (normtf.sweep's JSON). A cell is the
-    mean ± sample std over the seeds, and under it each seed's error, in the seeds' order; beside
-    a batch-norm variant measured with precise statistics, a column of those. At most `most`
-    columns a table (four fit 80 characters); more variants continue in a table under it."""
-    key, precise = "test_error_percent", "test_error_percent_precise_bn"
-    norms = list(dict.fromkeys(p["norm"] for p in summary["summary"]))
+    mean ± sample std over the seeds, and under it each seed's error, in the seeds' order; a
+    batch-norm variant measured with precise statistics has a column for each measure it has
+    (normtf.precise_bn.MEASURES). At most `most` columns a table (four fit 80 characters); more
+    variants continue in a table under it."""
+    from normtf.precise_bn import ERROR, MEASURES, PRECISE, PRECISE_DROPOUT_ON
+
+    points = summary["summary"]
     chunks: list[list[tuple[str, str]]] = []
-    for norm in norms:
-        columns = [(norm, measure) for measure in (key, precise)
-                   if measure == key or any(p[precise] for p in summary["summary"] if p["norm"] == norm)]
+    for norm in dict.fromkeys(p["norm"] for p in points):
+        columns = [(norm, key) for key in MEASURES if key == ERROR or any(p.get(key) for p in points if p["norm"] == norm)]
         if chunks and len(chunks[-1]) + len(columns) <= most:
             chunks[-1] += columns
         else:
@@ -114,34 +122,43 @@ def sweep_table(summary: dict, most: int = 4) -> Group:
     notes = []
     if len(seeds) > 1:
         notes.append("mean ± sample std over the seeds; under it, each seed's error in order")
-    if any(measure == precise for chunk in chunks for _, measure in chunk):
-        notes.append("precise BN: batch-norm statistics recomputed over the training images")
+    shown = {key for chunk in chunks for _, key in chunk}
+    ways = [words for key, words in [(PRECISE_DROPOUT_ON, "on (as in training)"), (PRECISE, "off (as at test time)")]
+            if key in shown]
+    if ways:
+        notes.append(f"precise: batch-norm statistics recomputed over the unrotated training images, with dropout "
+                     f"{' or '.join(ways)}")
     epochs = summary["budget"]["epochs"]
+    recipe = recipe_words(summary.get("recipe", {}))
     title = (f"Test error (%) after {epochs} epoch{'s' if epochs != 1 else ''} of {summary['budget']['train_size']:,} "
-             f"images, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+             f"images, {recipe + ', ' if recipe else ''}seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     tables = [_sweep_columns(summary, chunk, title if i == 0 else None,
                              "; ".join(notes) or None if i == len(chunks) - 1 else None) for i, chunk in enumerate(chunks)]
     return Group(*[part for table in tables for part in ("", table)][1:])  # a blank line between tables
 
 
 def _sweep_columns(summary: dict, columns: list[tuple[str, str]], title: str | None, caption: str | None) -> Table:
-    """One table of sweep_table: the batch sizes and these (variant, measure) columns."""
-    precise = "test_error_percent_precise_bn"
+    """One table of sweep_table: the batch sizes and these (variant, measure) columns; a variant with
+    several measures names each under its name."""
+    from normtf.precise_bn import MEASURES
+
     points = {(p["norm"], p["batch_size"]): p for p in summary["summary"]}
     seeds = summary["seeds"]
+    several = {norm for norm, _ in columns if sum(n == norm for n, _ in columns) > 1}
     table = Table(title=title, caption=caption, **{**COMPACT, "padding": (0, 0, 0, 2)}, show_lines=len(seeds) > 1)
     table.add_column("batch\nsize", justify="right")
-    for norm, measure in columns:
-        table.add_column(f"{norm}\nprecise BN" if measure == precise else norm, justify="right", no_wrap=True)
+    for norm, key in columns:
+        table.add_column(f"{norm}\n{MEASURES[key].replace(', ', chr(10))}" if norm in several else norm,
+                         justify="right", no_wrap=True)
     rows = {(r["norm"], r["batch_size"], r["seed"]): r for r in summary["rows"]}
     for size in sorted({p["batch_size"] for p in summary["summary"]}):
         cells = []
-        for norm, measure in columns:
+        for norm, key in columns:
             point = points.get((norm, size))
             runs = [rows.get((norm, size, seed)) for seed in seeds]
-            each = " ".join("-" if r is None else r["status"] if r["status"] != "finished" else f"{r[measure]:.2f}"
-                            for r in runs)
-            stats = point and point[measure]
+            each = " ".join("-" if r is None else r["status"] if r["status"] != "finished" else
+                            "-" if r.get(key) is None else f"{r[key]:.2f}" for r in runs)
+            stats = point and point.get(key)
             if not stats:
                 cells.append("-" if point is None else each)
                 continue

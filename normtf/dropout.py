@@ -58,6 +58,16 @@ def random_bits(shape, seed):
     Indices are 32-bit: one call covers up to 2^31 elements."""
     import tensorflow as tf
 
+    key = tf.bitcast(tf.cast(seed, tf.int32), tf.uint32)
+    index = tf.bitcast(tf.range(tf.reduce_prod(shape), dtype=tf.int32), tf.uint32)
+    return tf.reshape(_hashed(index, key[0], key[1]), shape)
+
+
+def _hashed(index, word0, word1):
+    """random_bits' two rounds of lowbias32 over uint32 indices, with seed words that broadcast
+    against them."""
+    import tensorflow as tf
+
     def lowbias32(h):
         h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
         h = h * tf.constant(0x7FEB352D, tf.uint32)
@@ -65,11 +75,8 @@ def random_bits(shape, seed):
         h = h * tf.constant(0x846CA68B, tf.uint32)
         return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, tf.constant(16, tf.uint32)))
 
-    key = tf.bitcast(tf.cast(seed, tf.int32), tf.uint32)
-    index = tf.bitcast(tf.range(tf.reduce_prod(shape), dtype=tf.int32), tf.uint32)
-    h = lowbias32(index * tf.constant(0x9E3779B9, tf.uint32) + key[0])
-    h = lowbias32(tf.bitwise.bitwise_xor(h, key[1]))
-    return tf.reshape(h, shape)
+    h = lowbias32(index * tf.constant(0x9E3779B9, tf.uint32) + word0)
+    return lowbias32(tf.bitwise.bitwise_xor(h, word1))
 
 
 def keep_mask(shape, dtype, seed, threshold):
@@ -81,6 +88,20 @@ def keep_mask(shape, dtype, seed, threshold):
     scale = 2**32 / (2**32 - threshold)
     return tf.where(random_bits(shape, seed) >= tf.constant(threshold, tf.uint32),
                     tf.constant(scale, dtype), tf.constant(0, dtype))
+
+
+def keep_masks(shape, dtype, seeds, threshold):
+    """Masks of several batches at once: row k of the (K, *shape) result is keep_mask(shape,
+    dtype, seeds[k], threshold), from seeds of shape (K, 2). What a training step draws for its
+    batch, for K batches in one call (normtf.precise_bn gathers statistics with dropout on so)."""
+    import tensorflow as tf
+
+    keys = tf.bitcast(tf.cast(seeds, tf.int32), tf.uint32)  # (K, 2)
+    index = tf.bitcast(tf.range(tf.reduce_prod(shape), dtype=tf.int32), tf.uint32)
+    bits = _hashed(index[None, :], keys[:, :1], keys[:, 1:])  # (K, elements of one batch)
+    scale = 2**32 / (2**32 - threshold)
+    mask = tf.where(bits >= tf.constant(threshold, tf.uint32), tf.constant(scale, dtype), tf.constant(0, dtype))
+    return tf.reshape(mask, tf.concat([tf.shape(seeds)[:1], tf.cast(shape, tf.int32)], 0))
 
 
 def dropped(t, keep):

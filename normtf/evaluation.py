@@ -12,7 +12,9 @@ from normtf import data
 from normtf.config import TrainConfig
 from normtf.errors import CorruptFile, NormtfError, UsageError
 from normtf.model_files import with_our_classes  # importing it also lets older files that name normtf's layers load
+from normtf.norms import get_norm
 from normtf.precise_bn import precise_statistics
+from normtf.renorm import BatchRenormalization
 from normtf.runs import RunDir
 
 INPUT_SHAPE = (28, 28, 1)
@@ -186,25 +188,41 @@ def which_test_set(images: data.Images, test_size: int | None, runs_own: bool) -
     return f"{test_size:,} of the {total:,} {title} test images, the seeded class-stratified subset: {chosen}"
 
 
-def use_precise_statistics(model, config: TrainConfig, dataset: data.Images) -> int:
+def use_precise_statistics(model, config: TrainConfig, dataset: data.Images, dropout: bool = False) -> int:
     """Give the model's batch-norm layers precise statistics (normtf.precise_bn) from the images
-    its run trained on, at its batch size; the number of layers changed (0: no batch norm)."""
+    its run trained on (unrotated), at its batch size, with dropout off (as tested) or on (as
+    trained); for a batch-renorm run, behind renorm's training output at its last step
+    (renorm_limits). The number of layers changed (0: no batch norm)."""
     idx = data.stratified_subset(dataset.y_train, config.train_size)
     return precise_statistics(model, data.normalized(dataset.x_train[idx], dataset.mean, dataset.std),
-                              config.batch_size, seed=config.seed)
+                              config.batch_size, seed=config.seed, dropout=dropout,
+                              renorm=renorm_limits(config, len(idx)))
+
+
+def renorm_limits(config: TrainConfig, train_images: int) -> tuple[float, float] | None:
+    """(rmax, dmax) of batch renormalization's schedule at the run's last training step (its
+    layers count epochs x steps an epoch), None for a variant that is not batch renormalization.
+    The saved file does not hold them: they are the variant's own layer's, at that step."""
+    make = get_norm(config.norm).make
+    layer = make(config) if make else None
+    if not isinstance(layer, BatchRenormalization):
+        return None
+    steps = config.epochs * data.steps_per_epoch(train_images, config.batch_size)
+    return tuple(float(limit) for limit in layer.limits(steps - 1))
 
 
 def evaluate_file(path: Path, dataset: data.Images, test_size: int | None = None,
-                  warn=lambda message: None, precise_bn: bool = False) -> Evaluation:
+                  warn=lambda message: None, precise_bn: bool = False, dropout: bool = False) -> Evaluation:
     """The model at `path` on the test set; precise_bn: with its batch-norm statistics recomputed
-    over the training images of its run (which config.json names), instead of the moving averages."""
+    over the training images of its run (which config.json names), instead of the moving averages,
+    gathered with dropout off or (`dropout`) on."""
     model = load_model(path)
     if precise_bn:
         config = run_config(path)
         if config is None:
             raise NormtfError(f"--precise-bn needs the run's config.json beside {path} (its batch size and "
                               "training images); evaluate a model inside its run directory")
-        if use_precise_statistics(model, config, dataset) == 0:
+        if use_precise_statistics(model, config, dataset, dropout) == 0:
             warn(f"{path} has no batch-norm layer: precise statistics change nothing")
     idx = scored_indices(dataset.y_test, test_size)
     return evaluate(model, dataset.x_test[idx], dataset.y_test[idx], (dataset.mean, dataset.std), warn=warn,

@@ -174,41 +174,47 @@ def plot_misclassified(images, labels, predictions, confidences, path: Path, tit
     return save(misclassified_figure(images, labels, predictions, confidences, title, columns, classes), path)
 
 
-def sweep_figure(lines: dict[str, dict], title: str, legend_title: str | None = None) -> Figure:
-    """Test error against batch size (log2 axis), one line per variant, as in Wu & He's figure 1.
+def sweep_figure(panels: list[tuple[str, dict[str, dict], str | None]], title: str) -> Figure:
+    """Test error against batch size (log2 axis), one line per variant, as in Wu & He's figure 1;
+    panels one under the other on the same batch sizes, each with its own error axis and legend.
 
-    `lines` maps a name to {"label", "color", "batch_sizes": [...], "errors": [percent, ...]}, and
-    optionally "low" and "high" (a band, e.g. the lowest and highest seed) and "dashed" (a second
-    measurement of a variant, drawn in its color with open markers).
+    `panels` holds (title, lines, legend title); `lines` maps a name to {"label", "color",
+    "batch_sizes": [...], "errors": [percent, ...]}, and optionally "low" and "high" (a band, e.g.
+    the lowest and highest seed) and "style" ("-", or "--" and ":" for further measurements of a
+    variant, drawn in its color with open markers).
     """
-    figure = Figure(figsize=(8, 5.5), layout="constrained")
-    ax = figure.subplots()
-    for line in lines.values():
-        dashed = line.get("dashed", False)
-        ax.plot(line["batch_sizes"], line["errors"], marker="o", linewidth=1.8, color=line["color"],
-                linestyle="--" if dashed else "-", markerfacecolor="white" if dashed else line["color"],
-                label=line["label"])
-        if line.get("low") is not None:
-            ax.fill_between(line["batch_sizes"], line["low"], line["high"], color=line["color"], alpha=0.2,
-                            linewidth=0)
-    ax.set_xscale("log", base=2)
-    sizes = sorted({size for line in lines.values() for size in line["batch_sizes"]})
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.xaxis.set_minor_locator(ticker.NullLocator())
-    _label_log_axis(ax)
-    ax.set_xlabel("Batch size (images per step, log scale)", fontsize=11)
-    ax.set_ylabel("Test error (%, log scale)", fontsize=11)
-    ax.tick_params(labelsize=10.5)
-    ax.grid(alpha=0.3, which="both")
-    if lines:  # none when every run of the sweep failed
-        figure.legend(loc="outside lower center", ncols=min(len(lines), 3), fontsize=11,
-                      frameon=False, title=legend_title, title_fontsize=11)
-    ax.set_title(title, fontsize=11)
+    figure = Figure(figsize=(8, 5.5 + 4.5 * (len(panels) - 1)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+    sizes = sorted({size for _, lines, _ in panels for line in lines.values() for size in line["batch_sizes"]})
+    for ax, (name, lines, legend_title) in zip(axes, panels):
+        for line in lines.values():
+            style = line.get("style", "-")
+            ax.plot(line["batch_sizes"], line["errors"], marker="o", linewidth=1.8, color=line["color"],
+                    linestyle=style, markerfacecolor=line["color"] if style == "-" else "white", label=line["label"])
+            if line.get("low") is not None:
+                ax.fill_between(line["batch_sizes"], line["low"], line["high"], color=line["color"], alpha=0.2,
+                                linewidth=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        _label_log_axis(ax)
+        ax.set_xlabel("Batch size (images per step, log scale)", fontsize=11)
+        ax.set_ylabel("Test error (%, log scale)", fontsize=11)
+        ax.tick_params(labelsize=10.5)
+        ax.grid(alpha=0.3, which="both")
+        if len(panels) > 1:
+            ax.set_title(name, fontsize=11)
+        if lines:  # none when every run of the sweep failed
+            colors = len({line["color"] for line in lines.values()})  # a column per variant when it has several lines
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=10.5,
+                      ncols=colors if colors < len(lines) else min(len(lines), 3),
+                      frameon=False, title=legend_title, title_fontsize=10.5)
+    figure.suptitle(title, fontsize=11)
     return figure
 
 
-def plot_sweep(lines: dict[str, dict], path: Path, title: str, legend_title: str | None = None) -> Path:
-    return save(sweep_figure(lines, title, legend_title), path)
+def plot_sweep(panels: list[tuple[str, dict[str, dict], str | None]], path: Path, title: str) -> Path:
+    return save(sweep_figure(panels, title), path)
 
 
 TUNING_TICKS = [0.99, 0.9, 0.5, 0.1, 0.999, 0.995, 0.98, 0.95, 0.8, 0.998]  # accuracies to label, roundest first

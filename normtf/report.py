@@ -35,11 +35,10 @@ from normtf.errors import CorruptFile, NormtfError
 from normtf.figures import OFF_SCALE, log_ticks
 from normtf.files import atomic_write, read_json
 from normtf.norms import NORMS, color, relevant
+from normtf.precise_bn import ERROR as MOVING, MEASURES, PRECISE, PRECISE_DROPOUT_ON
 from normtf.runs import summarize
 
 RUN_FILES = ("config.json", "history.json", "metrics.json", "model.keras")
-MOVING, PRECISE = "test_error_percent", "test_error_percent_precise_bn"  # the sweep's fields (normtf.sweep)
-MEASURES = {MOVING: "moving averages", PRECISE: "precise statistics"}
 
 
 # --- What the directory holds -------------------------------------------------------------------
@@ -256,7 +255,8 @@ def sweep_points(summary: dict) -> tuple[dict, list[str], int]:
             if key.startswith("test_error_percent") and _is_number(value):
                 measures += [key] if key not in measures else []
                 points.setdefault((norm, size, key), []).append((row.get("seed", summary.get("seed")), float(value)))
-    return points, sorted(measures, key=lambda m: (m != MOVING, m != PRECISE)), unreadable
+    order = [MOVING, PRECISE_DROPOUT_ON, PRECISE]
+    return points, sorted(measures, key=lambda m: order.index(m) if m in order else len(order)), unreadable
 
 
 def _is_number(value) -> bool:
@@ -289,6 +289,9 @@ def sweep_command(summary: dict, path: Path) -> str:
         words += ["--seeds", ",".join(map(str, seeds))]
     if summary.get("lr_scaled") is False:
         words += ["--no-scale-lr"]
+    dropout = (summary.get("recipe") or {}).get("dropout", TrainConfig().dropout)
+    if dropout != TrainConfig().dropout:
+        words += ["--dropout", f"{dropout:g}"]
     return " ".join(words + ["--out", str(path)])
 
 
@@ -747,7 +750,9 @@ def sweep_html(summary: dict, path: Path, points: dict, measures: list[str], plo
     return (f'<h3 id="sweep-{re.sub(r"[^a-z0-9]+", "-", str(path).lower())}"><code>{esc(path)}</code></h3>'
             f"<p>Test error (%) against batch size: {esc(about)}, {lr}, seeds {esc(', '.join(map(str, seeds)))}. "
             "Moving averages: batch norm tested with the statistics it kept while training; precise statistics: "
-            "recomputed over the training images (<code>normtf evaluate --precise-bn</code>).</p>"
+            "recomputed over the unrotated training images (<code>normtf evaluate --precise-bn</code>) with dropout "
+            "off, as at test time, and on, as in training: the first gap is what the averaging costs, the second "
+            "what dropout's variance shift costs.</p>"
             f'<div class="sweep">{{plot{plot}}}</div>'
             + table_html(header, body, f' id="sweep-table-{plot}"', left=0)
             + f"<p>Made by:</p><pre>{esc(sweep_command(summary, path))}</pre>")

@@ -1,14 +1,25 @@
 """Does batch norm really fail at small batches? Train each variant at each batch size on the same
 budget of images, over several seeds, and compare test error (figure 1 of Wu & He, Group
-Normalization, 2018). For batch norm the error is measured twice, with the moving averages it was
-trained to keep and with precise statistics (normtf.precise_bn): if the two differ at small batches,
-the test-time estimate was the problem; if they agree, training on noisy batch statistics was.
+Normalization, 2018). The budget is epochs, not steps: 2 epochs of 20,000 images (the default) are
+20,000 steps at batch 2 and 314 at batch 128, with the learning rate scaled with the batch.
 
-The sweep's JSON (results/sweep.json) holds "seeds", the budget, one row per (variant, batch size,
-seed) and a "summary" per (variant, batch size) over its finished seeds: the mean, the sample
-standard deviation (None for one seed), the lowest and the highest test error, with the moving
-averages and, for batch norm, with precise statistics. Files written before --seeds (a "seed", rows
-without one, no summary) are read and drawn as one-seed sweeps.
+Each run's test error is the one `normtf train` reports, on the final weights. A variant that tests
+with moving batch statistics (batch norm's kind, norms.Norm.moving) is measured three ways
+(normtf.precise_bn.MEASURES): with its moving averages (that error), and with precise statistics
+recomputed over the run's unrotated training images with dropout off, as at test time, and on, as
+in training. Moving averages against precise with dropout on is what the averaging costs; precise
+with dropout on against off is what dropout's variance shift costs. If batch norm's error at small
+batches stays high with both, training on noisy batch statistics was the problem.
+
+The sweep's JSON (results/sweep.json) holds "seeds", the budget, the "recipe" (the dropout, and
+every other setting of RECIPE that differs from the reference recipe), the "normtf" that wrote it
+(and measured the precise statistics; each row's names the code that trained its run), one row per
+(variant, batch size, seed) and a "summary" per (variant, batch size) over its finished seeds: the mean, the sample
+standard deviation (None for one seed), the lowest and the highest test error, of each measure the
+variant has (a precise one is None for a variant without batch norm, and the dropout-on one None
+in a sweep without dropout, where it is the dropout-off pass). Files written before --seeds (a
+"seed", rows without one, no summary) are read and drawn as one-seed sweeps; --extend takes a file
+without a "recipe" for the reference recipe's.
 """
 
 from __future__ import annotations
@@ -20,17 +31,22 @@ from pathlib import Path
 from normtf import data
 from normtf import figures
 from normtf import grid
-from normtf.job import Options, RunSpec
 from normtf.config import TrainConfig
+from normtf.console import recipe_words
+from normtf.job import Options, RunSpec
 from normtf.errors import UsageError
 from normtf.evaluation import evaluate_file
 from normtf.files import read_json, write_json
-from normtf.norms import color, get_norm
-from normtf.runs import RunDir
+from normtf.norms import NORMS, color, get_norm
+from normtf.precise_bn import ERROR, MEASURES, PRECISE, PRECISE_DROPOUT_ON
+from normtf.runs import RunDir, code_version
 from normtf.training import TrainResult, preflight
 
-REFERENCE_BATCH = TrainConfig().batch_size  # the learning rate is the recipe's at this batch size
-ERROR, PRECISE = "test_error_percent", "test_error_percent_precise_bn"  # with moving averages; with precise statistics
+REFERENCE = TrainConfig()
+REFERENCE_BATCH = REFERENCE.batch_size  # the learning rate is the recipe's at this batch size
+# The settings every run of a sweep shares, besides the budget, the dataset and the learning rate:
+# the JSON records the dropout, and any other of them that differs from the reference recipe.
+RECIPE = ("dropout", "schedule", "momentum", "l1", "groups", "rotation")
 
 
 def has_batch_norm(norm: str) -> bool:
@@ -55,9 +71,9 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
               cluster: str | None = None, show: bool = False, extend: dict | None = None) -> dict:
     """Train (or reuse) every config under runs_dir/batch-<size>/<norm>/seed-<s>/, `jobs` at a time
     or on a Ray cluster (normtf.grid), measure every finished batch-norm run again with precise
-    statistics, and write the rows and their summary to `out`. A run that a sweep made before
-    --seeds left in batch-<size>/<norm>/ itself is reused there when it is this finished run
-    (unless `force`). Every run is checked before the first one starts. `extend`, another sweep's
+    statistics (dropout off and on), and write the rows, in the variants table's order, and their
+    summary to `out`. A run that a sweep made before --seeds left in batch-<size>/<norm>/ itself is
+    reused there when it is this finished run (unless `force`). Every run is checked before the first one starts. `extend`, another sweep's
     summary, keeps its rows of the variants this one does not train (kept_rows)."""
     seeds = seeds or [base.seed]
     planned = []
@@ -74,10 +90,10 @@ def run_sweep(norms: list[str], batch_sizes: list[int], base: TrainConfig, scale
     kept = kept_rows(extend, norms, batch_sizes, base, scale_lr, seeds, budget()) if extend else []
     results = grid.run(planned, jobs, cluster, options, callbacks_for, show, warn, dataset=images)
     rows = kept + [_row(result, dataset, warn) for result in results]
-    order = list(dict.fromkeys([row["norm"] for row in kept] + norms))
-    rows.sort(key=lambda r: (r["batch_size"], order.index(r["norm"]), seeds.index(r["seed"])))
+    rows.sort(key=lambda r: (r["batch_size"], list(NORMS).index(r["norm"]), seeds.index(r["seed"])))
     summary = {"dataset": base.dataset, "lr_scaled": scale_lr, "reference_batch": REFERENCE_BATCH, "seeds": seeds,
-               "budget": budget(), "rows": rows, "summary": summarize(rows)}
+               "recipe": sweep_recipe(base), "budget": budget(), "normtf": code_version(), "rows": rows,
+               "summary": summarize(rows)}
     write_json(Path(out), summary)
     return summary
 
@@ -86,17 +102,21 @@ def kept_rows(previous: dict, norms: list[str], batch_sizes: list[int], base: Tr
               seeds: list[int], budget: dict) -> list[dict]:
     """The rows of a previous sweep (--extend) of the variants this sweep does not train, so that a sweep
     grows by a variant without retraining the others. Only where both measured the same thing: the
-    dataset, the budget, the batch sizes, the seeds and the learning rates; else a UsageError naming
-    each difference, before any run starts."""
-    rows = [{"seed": sweep_seeds(previous)[0], **row} for row in previous.get("rows", []) if row["norm"] not in norms]
+    dataset, the budget, the recipe (sweep_recipe: the dropout...), the batch sizes, the seeds and
+    the learning rates; else a UsageError naming each difference, before any run starts. A row of a
+    file from before a measure was added gets it as None: not measured."""
+    rows = [{"seed": sweep_seeds(previous)[0], **{key: None for key in MEASURES}, **row}
+            for row in previous.get("rows", []) if row["norm"] not in norms]
     if not rows:
         raise UsageError("--extend: that sweep has no rows of variants other than this one's "
                          f"({', '.join(dict.fromkeys(norms))}); run the sweep without --extend")
     batch_lr = {(row["batch_size"], row["lr"]) for row in rows}
     ours = {(c.batch_size, c.lr) for c in sweep_configs(norms[:1], batch_sizes, base, scale_lr, [base.seed])}
+    recorded = recorded_recipe(previous)
     differences = [f"{name} {theirs} there, {mine} here" for name, theirs, mine in [
         ("dataset", previous.get("dataset", data.DEFAULT), base.dataset),
         ("budget", previous.get("budget"), budget),
+        *[(name, getattr(recorded, name), getattr(base, name)) for name in RECIPE],
         ("seeds", sweep_seeds(previous), seeds),
         ("batch sizes and learning rates", sorted(batch_lr), sorted(ours))] if theirs != mine]
     if differences:
@@ -105,36 +125,54 @@ def kept_rows(previous: dict, norms: list[str], batch_sizes: list[int], base: Tr
     return rows
 
 
+def sweep_recipe(config: TrainConfig) -> dict:
+    """The recipe of a sweep's runs as its JSON records it: the dropout, and every other setting of
+    RECIPE in which `config` differs from the reference recipe."""
+    return {name: getattr(config, name) for name in RECIPE
+            if name == "dropout" or getattr(config, name) != getattr(REFERENCE, name)}
+
+
+def recorded_recipe(summary: dict) -> TrainConfig:
+    """The recipe a sweep's JSON records, as a TrainConfig's settings, for --extend to compare; a
+    file from before it was recorded (normtf's sweep could not change the dropout then) is taken as
+    the reference recipe's."""
+    return REFERENCE.replace(**{name: value for name, value in summary.get("recipe", {}).items() if name in RECIPE})
+
+
 def _row(result: TrainResult, dataset, warn) -> dict:
-    """A run as a row of the sweep. Precise statistics are computed anew each time (about 10 s at
-    batch 2 on 20,000 images): they are in no file of the run, and the model may have been retrained."""
+    """A run as a row of the sweep. Precise statistics are computed anew each time (about 10 s a
+    pass at batch 2 on 20,000 images): they are in no file of the run, and the model may have been
+    retrained. A run without dropout has no dropout-on pass: it would be the dropout-off one."""
     config, metrics = result.config, result.metrics
     finished = metrics["status"] == "finished"
-    precise = None
+    precise = {PRECISE: None, PRECISE_DROPOUT_ON: None}
     if finished and has_batch_norm(config.norm):
-        evaluation = evaluate_file(result.run.model, dataset(), config.test_size, warn=warn, precise_bn=True)
-        precise = 100 * (1 - evaluation.accuracy)
+        passes = {PRECISE: False, **({PRECISE_DROPOUT_ON: True} if config.dropout > 0 else {})}
+        for key, dropout in passes.items():
+            evaluation = evaluate_file(result.run.model, dataset(), config.test_size, warn=warn, precise_bn=True,
+                                       dropout=dropout)
+            precise[key] = 100 * (1 - evaluation.accuracy)
     return {"norm": config.norm, "batch_size": config.batch_size, "seed": config.seed, "lr": config.lr,
             "status": metrics["status"], **({"failure": metrics["failure"]["reason"]} if "failure" in metrics else {}),
             "test_accuracy": metrics["final_test_accuracy"] if finished else None,
-            ERROR: 100 * (1 - metrics["final_test_accuracy"]) if finished else None, PRECISE: precise,
+            ERROR: 100 * (1 - metrics["final_test_accuracy"]) if finished else None, **precise,
             "mean_epoch_time": metrics.get("mean_epoch_time"),
             "normtf": (read_json(result.run.config) or {}).get("normtf") if finished else None}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (variant, batch size), in the rows' order: the seeds that finished and the statistics of
-    their test error (spread(); None for the precise one of a variant without batch norm, or where no seed finished)."""
+    their test error by each measure (spread(); None for a measure a variant does not have, or
+    where no seed finished)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["norm"], row["batch_size"]), []).append(row)
     points = []
     for (norm, size), group in groups.items():
         done = [r for r in group if r["status"] == "finished"]
-        precise = [r.get(PRECISE) for r in done]
+        measured = {key: [r.get(key) for r in done] for key in MEASURES}
         points.append({"norm": norm, "batch_size": size, "lr": group[0]["lr"], "seeds": [r.get("seed") for r in done],
-                       ERROR: spread([r[ERROR] for r in done]),
-                       PRECISE: spread(precise) if None not in precise else None})
+                       **{key: spread(values) if None not in values else None for key, values in measured.items()}})
     return points
 
 
@@ -151,30 +189,60 @@ def sweep_seeds(summary: dict) -> list[int]:
     return summary["seeds"] if "seeds" in summary else [summary["seed"]]
 
 
-def sweep_lines(summary: dict) -> dict[str, dict]:
-    """The sweep as figures.sweep_figure's lines: per variant the mean test error of its finished
-    seeds at each batch size and, with several seeds, the lowest and highest (the band); for a
-    batch-norm variant measured with precise statistics, a dashed line of their mean beside it."""
+STYLES = {ERROR: "-", PRECISE: "--", PRECISE_DROPOUT_ON: ":"}  # each measure's line in the figure
+
+
+def sweep_lines(summary: dict, measures: tuple[str, ...] = (ERROR,), bands: bool = True) -> dict[str, dict]:
+    """The sweep's `measures` as figures.sweep_figure's lines: per variant and measure it has, the
+    mean test error of its finished seeds at each batch size and, with several seeds and `bands`,
+    the lowest and highest (the band). A line is named by its variant, and by the measure too when
+    there are several (MEASURES' words), drawn in the variant's color and the measure's style."""
     points = summarize(summary["rows"])
     several = any(len(p["seeds"]) > 1 for p in points)
     lines = {}
     for point in points:
-        for key, name, dashed in [(ERROR, point["norm"], False), (PRECISE, f"{point['norm']} (precise statistics)", True)]:
+        for key in measures:
             stats = point.get(key)
             if stats is None:
                 continue
-            line = lines.setdefault(name, {"label": name, "color": color(point["norm"]), "dashed": dashed,
+            name = point["norm"] if len(measures) == 1 else f"{point['norm']}: {MEASURES[key]}"
+            line = lines.setdefault(name, {"label": name, "color": color(point["norm"]), "style": STYLES[key],
                                            "batch_sizes": [], "errors": [], "low": [], "high": []})
             line["batch_sizes"].append(point["batch_size"])
             line["errors"].append(stats["mean"])
             line["low"].append(stats["min"])
             line["high"].append(stats["max"])
-    for name, line in lines.items():
-        if line["dashed"] or not several:  # a band for each variant; the precise line is read against it
+    for line in lines.values():
+        if not (bands and several):
             line["low"] = line["high"] = None
-        if f"{name} (precise statistics)" in lines:
-            line["label"] = f"{name} (moving averages)"
     return lines
+
+
+def sweep_panels(summary: dict) -> list[tuple[str, dict[str, dict], str | None]]:
+    """The figure's panels, (title, lines, legend title) each: every variant as `normtf train` tests
+    it, with the seeds' bands; and, if the sweep measured a batch norm with precise statistics, each
+    batch norm three ways (two without dropout, where the dropout-on pass is the dropout-off one),
+    without bands, which would hide one another (the first panel has the moving averages')."""
+    seeds = sweep_seeds(summary)
+    mean = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else None
+    panels = [("Every variant, as normtf train tests it (batch norms: moving averages)", sweep_lines(summary),
+               f"lines: {mean}; bands: lowest to highest seed" if mean else None)]
+    if any(row.get(PRECISE) is not None for row in summary["rows"]):
+        moving = [row for row in summary["rows"] if has_batch_norm(row["norm"])]
+        panels.append(("Batch norms with moving averages and with precise statistics (recomputed over the training "
+                       "images)", sweep_lines({**summary, "rows": moving}, tuple(MEASURES), bands=False),
+                       f"lines: {mean}" if mean else None))
+    return panels
+
+
+def budget_steps(summary: dict) -> str:
+    """The budget in steps, at the smallest and the largest batch size: "20,000 steps at batch 2 to
+    314 at batch 128" (each epoch ends with a partial batch, as training does)."""
+    budget, sizes = summary["budget"], sorted({row["batch_size"] for row in summary["rows"]})
+    steps = {size: budget["epochs"] * data.steps_per_epoch(budget["train_size"], size) for size in sizes}
+    if len(sizes) == 1:
+        return f"{steps[sizes[0]]:,} steps at batch {sizes[0]}"
+    return f"{steps[sizes[0]]:,} steps at batch {sizes[0]} to {steps[sizes[-1]]:,} at batch {sizes[-1]}"
 
 
 def sweep_title(summary: dict) -> str:
@@ -183,17 +251,13 @@ def sweep_title(summary: dict) -> str:
     lr = (f"lr proportional to the batch ({row['lr'] * reference / row['batch_size']:g} at {reference})"
           if summary["lr_scaled"] else f"lr {row['lr']:g} at every batch size")
     title = data.DATASETS[summary.get("dataset", data.DEFAULT)].title
-    seeds = sweep_seeds(summary)
-    return (f"Test error vs batch size on {title}: {budget['epochs']} epoch{'s' if budget['epochs'] != 1 else ''} of {budget['train_size']:,} images,\n"
-            f"tested on {budget['test_size']:,}, {lr}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
-
-
-def sweep_legend_title(summary: dict) -> str | None:
-    """What the lines and bands are, when there is more than one seed."""
-    seeds = sweep_seeds(summary)
-    return f"lines: mean of {len(seeds)} seeds; bands: lowest to highest seed" if len(seeds) > 1 else None
+    seeds, recipe = sweep_seeds(summary), recipe_words(summary.get("recipe", {}))
+    return (f"Test error vs batch size on {title}: {budget['epochs']} epoch{'s' if budget['epochs'] != 1 else ''} of "
+            f"{budget['train_size']:,} images ({budget_steps(summary)}),\n"
+            f"{recipe + ', ' if recipe else ''}tested on {budget['test_size']:,}, {lr}, "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
 
 
 def draw_sweep(summary: dict, path: Path) -> Path:
-    """The sweep's figure: test error against batch size, one line (and band) per variant."""
-    return figures.plot_sweep(sweep_lines(summary), path, sweep_title(summary), sweep_legend_title(summary))
+    """The sweep's figure (sweep_panels): test error against batch size."""
+    return figures.plot_sweep(sweep_panels(summary), path, sweep_title(summary))

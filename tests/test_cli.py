@@ -370,7 +370,7 @@ def test_exit_codes_are_the_documented_ones():
 
 def test_the_results_table_of_all_variants_and_three_seeds_fits_80_columns():
     """What `normtf compare --all --seeds 3` prints at the end, in an 80-column terminal: every
-    variant's name whole, each mean ± std on one line, a failed seed said as such."""
+    variant's name whole, each mean ± std on one line, a failed seed said as such, "best" defined."""
     from types import SimpleNamespace
 
     from rich.console import Console
@@ -394,5 +394,6 @@ def test_the_results_table_of_all_variants_and_three_seeds_fits_80_columns():
     assert [line.split()[0] for line in lines if line.split() and line.split()[0] in groups] == list(groups)
     text = "\n".join(lines)
     assert "98.54 ± 0.10%" in text and "42–44" in text
+    assert "highest test accuracy over its epochs, picked on the test set" in " ".join(text.split())
     column = next(line for line in lines if "status" in line).index("status")  # the last column, read down
     assert "failed: loss not finite at epoch 3, step 120" in " ".join(" ".join(line[column:] for line in lines).split())

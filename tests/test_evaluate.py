@@ -102,7 +102,7 @@ def test_precise_bn_recomputes_batch_norm_statistics_of_a_committed_run(tmp_path
     run_dir = Path(__file__).parent.parent / "results" / "reference" / "batch-l1" / "seed-43"
     result = run("evaluate", run_dir, "--precise-bn", "--test-size", "2000")
     text = " ".join(result.output.split())
-    assert result.exit_code == 0 and "with precise batch-norm statistics: test loss" in text, text
+    assert result.exit_code == 0 and "with precise batch-norm statistics, dropout off, as at test time: test loss" in text, text
 
     images = data.load("mnist")
     model, config = load_model(run_dir), run_config(run_dir)
@@ -123,15 +123,18 @@ def test_precise_bn_recomputes_batch_norm_statistics_of_a_committed_run(tmp_path
 
 def test_precise_bn_through_the_command_on_a_small_run(tmp_path):
     """The test above's command on a run of 512 images (its statistics recomputed over those 512, not
-    a committed run's 60,000): the numbers with precise statistics printed, and a file outside its
-    run directory refused."""
+    a committed run's 60,000): the numbers three ways printed (moving averages, precise statistics
+    with dropout on and off), and a file outside its run directory refused."""
     runs = tmp_path / "runs"
     trained = run("train", "--norm", "batch", "--epochs", "1", "--train-size", "512", "--test-size", "200",
                   "--runs-dir", runs)
     assert trained.exit_code == 0, trained.output
     result = run("evaluate", runs / "batch", "--precise-bn", "--test-size", "200")
     text = " ".join(result.output.split())
-    assert result.exit_code == 0 and "with precise batch-norm statistics: test loss" in text, text
+    assert result.exit_code == 0, text
+    for way in ["with the moving averages of training", "with precise batch-norm statistics, dropout on, as in training",
+                "with precise batch-norm statistics, dropout off, as at test time"]:
+        assert f"{way}: test loss" in text, (way, text)
     (tmp_path / "model.keras").write_bytes((runs / "batch" / "model.keras").read_bytes())
     result = run("evaluate", tmp_path / "model.keras", "--precise-bn")
     assert result.exit_code == 1 and "needs the run's config.json" in " ".join(result.output.split())

@@ -60,17 +60,26 @@ def batch_run(tmp_path_factory):
 
 
 def test_precise_bn_prints_each_models_own_confusion_matrix(batch_run):
-    """The moving-average model's matrix and the precise model's, each titled; each diagonal is
-    the correct count printed beside its accuracy (the precise one used to repeat the first)."""
+    """The moving-average model's matrix and the two precise models' (dropout on, then off), each
+    titled; each diagonal is the correct count printed beside its accuracy (the precise one used to
+    repeat the first); the precise ones are evaluate_file's, in that order."""
+    from normtf import data
+    from normtf.evaluation import evaluate_file
+
     result = run("evaluate", batch_run, "--precise-bn")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "confusion matrix with the moving averages of training" in text
-    assert "confusion matrix with precise batch-norm statistics" in text
+    assert "confusion matrix with precise batch-norm statistics, dropout on, as in training" in text
+    assert "confusion matrix with precise batch-norm statistics, dropout off, as at test time" in text
     correct = [int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) of 1,000 correct\)", text)]
-    plain, precise = matrices(result.output)
-    assert [sum(m[k][k] for k in range(10)) for m in (plain, precise)] == correct
-    assert correct[0] != correct[1] and sum(map(sum, plain)) == sum(map(sum, precise)) == 1000
+    found = matrices(result.output)
+    assert [sum(m[k][k] for k in range(10)) for m in found] == correct and len(correct) == 3
+    assert all(sum(map(sum, m)) == 1000 for m in found)
+    mnist = data.load("mnist")
+    assert correct[1:] == [evaluate_file(batch_run, mnist, 1000, precise_bn=True, dropout=dropout).correct
+                           for dropout in (True, False)]
+    assert correct[0] != correct[2]
 
 
 def test_the_runs_own_test_set_by_default_and_test_size_overrides(batch_run):

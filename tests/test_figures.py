@@ -9,7 +9,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from normtf import figures, study
-from normtf.sweep import sweep_lines, sweep_title
+from normtf.sweep import sweep_panels, sweep_title
 
 ROOT = Path(__file__).parent.parent
 REFERENCE = ROOT / "results" / "reference"
@@ -29,11 +29,15 @@ def tick_labels(axis) -> list[str]:
 
 def test_sweep_axes_label_every_batch_size_and_several_errors():
     summary = json.loads((ROOT / "results" / "sweep.json").read_text())
-    ax = drawn(figures.sweep_figure(sweep_lines(summary), sweep_title(summary))).axes[0]
-    assert tick_labels(ax.xaxis) == [str(s) for s in sorted({r["batch_size"] for r in summary["rows"]})]
-    labels = tick_labels(ax.yaxis)
-    assert len(labels) >= 3, labels  # was one ("5")
-    assert all(float(t) > 0 for t in labels)
+    figure = drawn(figures.sweep_figure(sweep_panels(summary), sweep_title(summary)))
+    assert len(figure.axes) == 2  # every variant; the batch norms three ways
+    for ax in figure.axes:
+        assert tick_labels(ax.xaxis) == [str(s) for s in sorted({r["batch_size"] for r in summary["rows"]})]
+        labels = tick_labels(ax.yaxis)
+        assert len(labels) >= 3, labels  # was one ("5")
+        assert all(float(t) > 0 for t in labels)
+        legend = ax.get_legend().get_window_extent()  # under its panel, on no panel
+        assert not any(legend.overlaps(other.get_window_extent()) for other in figure.axes)
 
 
 @pytest.mark.parametrize("low, high", [(3.5, 8.2), (0.02, 0.9), (0.015, 0.2), (5.1, 5.9), (1e-4, 1e2)])

@@ -116,7 +116,7 @@ def test_compare_evaluate_and_gallery_run_the_four_end_to_end(tmp_path):
         stored = json.loads((runs / norm / "metrics.json").read_text())["final_test_accuracy"]
         assert plain.exit_code == 0 and f"accuracy {100 * stored:.2f}%" in " ".join(plain.output.split()), plain.output
     precise = run("evaluate", runs / "batch-renorm", "--precise-bn", "--test-size", "200")
-    assert precise.exit_code == 0 and "with precise batch-norm statistics" in precise.output, precise.output
+    assert precise.exit_code == 0 and "with precise batch-norm statistics, dropout on" in precise.output, precise.output
     gallery = run("gallery", *[a for name in NEW for a in ("--norm", name)], "--runs-dir", runs,
                   "--img-dir", tmp_path / "g")
     assert gallery.exit_code == 0 and len(list((tmp_path / "g").glob("misclassified_*.png"))) == 4

@@ -1,6 +1,7 @@
 """normtf sweep: every (variant, batch size) over several seeds in seed-<s>/ runs, reused on a rerun;
-the summary's statistics; batch norm measured again with precise statistics; the figure's bands,
-the table, the committed one-seed file, and --seeds through the command."""
+the summary's statistics; batch norm measured again with precise statistics, dropout on and off;
+the recipe recorded, and --extend refusing another; the figure's panels and bands, the table, the
+committed one-seed file, and --seeds through the command."""
 
 import json
 import math
@@ -22,13 +23,15 @@ from normtf.console import sweep_table
 from normtf.errors import UsageError
 from normtf.evaluation import evaluate, load_model
 from normtf.precise_bn import precise_statistics
-from normtf.sweep import (draw_sweep, run_sweep, summarize, sweep_configs, sweep_legend_title, sweep_lines,
+from normtf.sweep import (draw_sweep, run_sweep, summarize, sweep_configs, sweep_lines, sweep_panels,
                           sweep_title)
 
 ROOT = Path(__file__).parent.parent
 BASE = TrainConfig(epochs=1, train_size=512, test_size=500)
 SEEDS = [42, 43]
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "500"]
+ERROR, PRECISE, DROPOUT_ON = ("test_error_percent", "test_error_percent_precise_bn",
+                              "test_error_percent_precise_bn_dropout_on")  # the JSON's names, written out
 
 
 class Trains(keras.callbacks.Callback):
@@ -82,9 +85,9 @@ def test_a_row_per_seed_in_seed_directories_and_the_summary_is_numpys(swept):
     for point in summary["summary"]:
         rows = [r for r in summary["rows"] if (r["norm"], r["batch_size"]) == (point["norm"], point["batch_size"])]
         assert point["seeds"] == SEEDS and point["lr"] == rows[0]["lr"]
-        for key in ["test_error_percent", "test_error_percent_precise_bn"]:
-            if point["norm"] == "group":
-                assert point["test_error_percent_precise_bn"] is None
+        for key in [ERROR, PRECISE, DROPOUT_ON]:
+            if point["norm"] == "group" and key != ERROR:
+                assert point[key] is None
                 continue
             errors = np.array([r[key] for r in rows])
             assert point[key] == pytest.approx({"mean": errors.mean(), "std": errors.std(ddof=1),
@@ -94,27 +97,29 @@ def test_a_row_per_seed_in_seed_directories_and_the_summary_is_numpys(swept):
 @pytest.mark.slow
 def test_batch_norm_rows_carry_the_error_with_precise_statistics(swept, dataset):
     _, summary = swept
+    assert summary["recipe"] == {"dropout": 0.1}
     for row in summary["rows"]:
-        precise = row["test_error_percent_precise_bn"]
-        if row["norm"] == "batch":
-            assert isinstance(precise, float) and math.isfinite(precise) and 0 <= precise <= 100
-            assert round(precise * 5) == pytest.approx(precise * 5, abs=1e-6)  # a count of the 500 test images
-        else:
-            assert precise is None
+        for key in [PRECISE, DROPOUT_ON]:
+            precise = row[key]
+            if row["norm"] == "batch":
+                assert isinstance(precise, float) and math.isfinite(precise) and 0 <= precise <= 100
+                assert round(precise * 5) == pytest.approx(precise * 5, abs=1e-6)  # a count of the 500 test images
+            else:
+                assert precise is None
 
     # The run's own training images at its batch size, the run's test images: done by hand here.
     tmp, _ = swept
     row = next(r for r in summary["rows"] if (r["norm"], r["batch_size"], r["seed"]) == ("batch", 16, 43))
-    model = load_model(tmp / "runs" / "batch-16" / "batch" / "seed-43")
     test = data.stratified_subset(dataset.y_test, 500)
     normalization = (dataset.mean, dataset.std)
-    moving = evaluate(model, dataset.x_test[test], dataset.y_test[test], normalization)
-    assert 100 * (1 - moving.accuracy) == pytest.approx(row["test_error_percent"], abs=1e-6)  # the same test set
-    train = data.stratified_subset(dataset.y_train, 512)
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert precise_statistics(model, data.normalized(dataset.x_train[train], *normalization), 16, seed=43) == len(layers) > 0
-    recomputed = evaluate(model, dataset.x_test[test], dataset.y_test[test], normalization)
-    assert 100 * (1 - recomputed.accuracy) == pytest.approx(row["test_error_percent_precise_bn"], abs=1e-6)
+    train = data.normalized(dataset.x_train[data.stratified_subset(dataset.y_train, 512)], *normalization)
+    for key, dropout in [(ERROR, None), (PRECISE, False), (DROPOUT_ON, True)]:
+        model = load_model(tmp / "runs" / "batch-16" / "batch" / "seed-43")
+        if dropout is not None:
+            layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+            assert precise_statistics(model, train, 16, seed=43, dropout=dropout) == len(layers) > 0
+        evaluation = evaluate(model, dataset.x_test[test], dataset.y_test[test], normalization)
+        assert 100 * (1 - evaluation.accuracy) == pytest.approx(row[key], abs=1e-6)  # the same test set
 
 
 @pytest.mark.slow
@@ -137,31 +142,37 @@ def test_a_rerun_reuses_every_run_and_a_one_seed_sweeps_run_where_it_is(swept):
     assert one["rows"] == [r for r in summary["rows"] if (r["norm"], r["batch_size"], r["seed"]) == ("group", 16, 42)]
 
 
-def drawn_axes(lines, title, legend_title=None):
-    figure = figures.sweep_figure(lines, title, legend_title)
+def drawn(panels, title):
+    figure = figures.sweep_figure(panels, title)
     FigureCanvasAgg(figure).draw()
-    return figure, figure.axes[0]
+    return figure
 
 
 @pytest.mark.slow
-def test_the_figure_draws_a_band_per_variant_and_a_dashed_precise_line(swept, tmp_path):
+def test_the_figure_draws_a_band_per_variant_and_the_batch_norms_three_ways(swept, tmp_path):
     tmp, summary = swept
     lines = sweep_lines(summary)
-    assert list(lines) == ["batch", "batch (precise statistics)", "group"]
-    assert lines["batch"]["label"] == "batch (moving averages)"
+    assert list(lines) == ["batch", "group"]
     point = summary["summary"][0]
-    assert lines["batch"]["errors"][0] == point["test_error_percent"]["mean"]
-    assert (lines["batch"]["low"][0], lines["batch"]["high"][0]) == (point["test_error_percent"]["min"],
-                                                                     point["test_error_percent"]["max"])
-    figure, ax = drawn_axes(lines, sweep_title(summary), sweep_legend_title(summary))
-    assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2  # batch's and group's bands
-    assert [line.get_linestyle() for line in ax.get_lines()] == ["-", "--", "-"]
-    assert [t.get_text() for t in figure.legends[0].get_texts()] == [
-        "batch (moving averages)", "batch (precise statistics)", "group"]
-    assert figure.legends[0].get_title().get_text() == "lines: mean of 2 seeds; bands: lowest to highest seed"
-    assert "MNIST" in sweep_title(summary) and "1 epoch of 512 images" in sweep_title(summary)
-    assert sweep_title(summary).endswith("seeds 42, 43")
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "64"]
+    assert lines["batch"]["errors"][0] == point[ERROR]["mean"]
+    assert (lines["batch"]["low"][0], lines["batch"]["high"][0]) == (point[ERROR]["min"], point[ERROR]["max"])
+    panels = sweep_panels(summary)
+    assert [list(lines) for _, lines, _ in panels] == [
+        ["batch", "group"], ["batch: moving averages", "batch: precise, dropout on", "batch: precise, dropout off"]]
+    three = panels[1][1]
+    assert [three[name]["errors"][0] for name in three] == [point[key]["mean"] for key in (ERROR, DROPOUT_ON, PRECISE)]
+    figure = drawn(panels, sweep_title(summary))
+    top, bottom = figure.axes
+    assert len([c for c in top.collections if isinstance(c, PolyCollection)]) == 2  # batch's and group's bands
+    assert not [c for c in bottom.collections if isinstance(c, PolyCollection)]
+    assert [line.get_linestyle() for line in bottom.get_lines()] == ["-", ":", "--"]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["batch", "group"]
+    assert [t.get_text() for t in bottom.get_legend().get_texts()] == list(three)
+    assert top.get_legend().get_title().get_text() == "lines: mean of 2 seeds; bands: lowest to highest seed"
+    title = " ".join(sweep_title(summary).split())
+    assert "MNIST" in title and "1 epoch of 512 images (32 steps at batch 16 to 8 at batch 64)" in title
+    assert "dropout 0.1" in title and title.endswith("seeds 42, 43")
+    assert [t.get_text() for t in top.get_xticklabels()] == ["16", "64"]
     assert draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000
 
 
@@ -178,12 +189,12 @@ ONE_SEED_SWEEP = {
 
 def test_a_one_seed_sweep_from_before_seeds_still_draws(tmp_path):
     summary = json.loads(json.dumps(ONE_SEED_SWEEP))
-    lines = sweep_lines(summary)
-    assert set(lines) == {row["norm"] for row in summary["rows"]}  # no precise line, no band: one seed
+    [(_, lines, legend_title)] = sweep_panels(summary)  # no precise statistics: one panel
+    assert set(lines) == {row["norm"] for row in summary["rows"]}  # no band: one seed
     assert all(line["low"] is None for line in lines.values())
-    assert sweep_title(summary).endswith(f"seed {summary['seed']}")
-    assert sweep_legend_title(summary) is None
-    _, ax = drawn_axes(lines, sweep_title(summary))
+    assert sweep_title(summary).endswith(f"seed {summary['seed']}") and "dropout" not in sweep_title(summary)
+    assert legend_title is None
+    [ax] = drawn(sweep_panels(summary), sweep_title(summary)).axes
     assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert draw_sweep(summary, tmp_path / "sweep.png").stat().st_size > 10_000
     assert summary == ONE_SEED_SWEEP  # drawing does not change the summary
@@ -196,31 +207,39 @@ def table_text(summary, width=120) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_table_has_mean_std_and_each_seed_and_a_precise_column(swept):
+def test_the_table_has_mean_std_and_each_seed_and_the_precise_columns(swept):
     _, summary = swept
     lines = table_text(summary)
     text = "\n".join(lines)
     assert max(map(len, lines)) <= 120
-    assert "precise BN" in text and "seeds 42, 43" in " ".join(text.split())
+    assert "seeds 42, 43" in " ".join(text.split()) and "dropout 0.1" in " ".join(text.split())
     for point in summary["summary"]:
-        stats = point["test_error_percent"]
-        each = " ".join(f"{r['test_error_percent']:.2f}" for r in summary["rows"]
-                        if (r["norm"], r["batch_size"]) == (point["norm"], point["batch_size"]))
-        assert f"{stats['mean']:.2f} ± {stats['std']:.2f}" in text and each in text
-    header = next(line for line in lines if "size" in line)  # "batch size" in two lines: the table fits 80 columns
-    assert header.index("batch") < header.index("group")
+        for key in [ERROR, PRECISE, DROPOUT_ON] if point["norm"] == "batch" else [ERROR]:
+            stats = point[key]
+            each = " ".join(f"{r[key]:.2f}" for r in summary["rows"]
+                            if (r["norm"], r["batch_size"]) == (point["norm"], point["batch_size"]))
+            assert f"{stats['mean']:.2f} ± {stats['std']:.2f}" in text and each in text
+    rule = next(i for i, line in enumerate(lines) if line.strip().startswith("─"))  # under the column headers
+    assert [line.split() for line in lines[rule - 3:rule]] == [  # "batch size" in two lines: 80 columns fit four
+        ["batch", "batch"], ["batch", "batch", "precise", "precise"],
+        ["size", "moving", "averages", "dropout", "on", "dropout", "off", "group"]]
 
 
 def test_the_table_title_counts_epochs_in_words_that_read_and_marks_failed_seeds():
-    rows = [{"norm": "batch", "batch_size": 8, "seed": 1, "lr": 0.1, "status": "finished", "test_error_percent": 3.5,
-             "test_error_percent_precise_bn": 3.0},
-            {"norm": "batch", "batch_size": 8, "seed": 2, "lr": 0.1, "status": "failed", "test_error_percent": None,
-             "test_error_percent_precise_bn": None}]
-    for epochs, phrase in [(1, "after 1 epoch of 512 images"), (2, "after 2 epochs of 512 images")]:
-        summary = {"seeds": [1, 2], "budget": {"epochs": epochs, "train_size": 512}, "rows": rows,
-                   "summary": summarize(rows)}
+    """The title says the budget and the recipe's dropout; a failed or busy seed is marked in each
+    of its variant's columns, and a measure no row has (dropout on, here) has no column."""
+    rows = [{"norm": "batch", "batch_size": 8, "seed": 1, "lr": 0.1, "status": "finished", ERROR: 3.5, PRECISE: 3.0,
+             DROPOUT_ON: None},
+            {"norm": "batch", "batch_size": 8, "seed": 2, "lr": 0.1, "status": "failed", ERROR: None, PRECISE: None,
+             DROPOUT_ON: None}]
+    for epochs, phrase in [(1, "after 1 epoch of 512 images, dropout 0, seeds 1, 2"),
+                           (2, "after 2 epochs of 512 images, dropout 0, seeds 1, 2")]:
+        summary = {"seeds": [1, 2], "budget": {"epochs": epochs, "train_size": 512}, "recipe": {"dropout": 0.0},
+                   "rows": rows, "summary": summarize(rows)}
         text = " ".join(" ".join(table_text(summary, 200)).split())  # the title wraps at the table's width
         assert phrase in text and "3.50 failed" in text and "3.00 failed" in text
+        head, caption = text.split("precise:")
+        assert "dropout off" in head and "dropout on" not in head + caption  # no column, no words
     busy = [rows[0], {**rows[1], "status": "busy"}]  # another normtf process was training it: not a failure
     summary = {"seeds": [1, 2], "budget": {"epochs": 1, "train_size": 512}, "rows": busy, "summary": summarize(busy)}
     assert "3.50 busy" in " ".join(" ".join(table_text(summary, 200)).split())
@@ -245,23 +264,33 @@ def test_seeds_through_the_command(swept):
 
 
 def test_the_committed_sweeps_table_fits_80_columns():
-    summary = json.loads((Path(__file__).parent.parent / "results" / "sweep.json").read_text())
+    """The committed sweep's table on an 80-column terminal: every cell whole (a seed's values on one
+    line), every variant shown, each batch norm with a column per measure it has."""
+    summary = json.loads((ROOT / "results" / "sweep.json").read_text())
     lines = table_text(summary, width=80)
-    assert max(map(len, lines)) <= 80 and "…" not in "".join(lines)
-    assert "10.35 ± 1.78" in "".join(lines) and "9.54 9.12 12.39" in "".join(lines)  # a seed's values on one line
-    # the default six variants, batch norm and batch renormalization with precise columns: eight columns,
-    # as two tables under one title
     text = "\n".join(lines)
-    assert len([line for line in lines if "size" in line]) == 2 and text.count("Test error (%) after") == 1
-    assert " ".join(text.split()).count("precise BN") == 3  # two column headers and the caption (which wraps)
+    assert max(map(len, lines)) <= 80 and "…" not in text and text.count("Test error (%) after") == 1
+    rows = {(r["norm"], r["batch_size"], r["seed"]): r for r in summary["rows"]}
+    for point in summary["summary"]:
+        for key in [ERROR, PRECISE, DROPOUT_ON]:
+            if point.get(key):
+                assert f"{point[key]['mean']:.2f} ± {point[key]['std']:.2f}" in text
+                each = " ".join(f"{rows[point['norm'], point['batch_size'], seed][key]:.2f}" for seed in point["seeds"])
+                assert each in text, (point["norm"], point["batch_size"], key)
+    moving = {p["norm"] for p in summary["summary"] if p[PRECISE]}
+    assert moving == {"batch", "batch-renorm"}
+    headers = [line for line in lines if line.strip().startswith("size")]
+    assert " ".join(headers).count("dropout off") == len(moving)
+    assert " ".join(headers).count("dropout on") == len({p["norm"] for p in summary["summary"] if p.get(DROPOUT_ON)})
     assert all(norm in text for norm in ["batch", "layer", "group", "none", "batch-renorm", "group-ws"])
 
 
 @pytest.mark.slow  # 17 s; the fast tier's sweep through the command is --extend's (below)
 def test_a_small_sweep_through_the_command_has_a_row_per_seed_and_a_rerun_reuses_them(tmp_path):
     """A small sweep, two runs: batch norm at batch 64, seeds 42 and 43, as a user types it.
-    A row per seed in seed directories, the summary NumPy's mean and spread, the error with precise
-    statistics, the table and the figure; the same command again trains nothing and writes the same."""
+    A row per seed in seed directories, the summary NumPy's mean and spread, the errors with precise
+    statistics (dropout on and off), the table and the figure; the same command again trains nothing
+    and writes the same."""
     runs, img, out = tmp_path / "runs", tmp_path / "img", tmp_path / "sweep.json"
     command = ["sweep", "--norm", "batch", "--batch-sizes", "64", "--seeds", "2", *TINY, "--runs-dir", str(runs),
                "--img-dir", str(img), "--out", str(out)]
@@ -271,13 +300,14 @@ def test_a_small_sweep_through_the_command_has_a_row_per_seed_and_a_rerun_reuses
     assert [(r["norm"], r["batch_size"], r["seed"]) for r in summary["rows"]] == [("batch", 64, 42), ("batch", 64, 43)]
     for row in summary["rows"]:
         assert (runs / "batch-64" / "batch" / f"seed-{row['seed']}" / "model.keras").is_file()
-        assert math.isfinite(row["test_error_percent_precise_bn"])
+        assert math.isfinite(row[PRECISE]) and math.isfinite(row[DROPOUT_ON])
     [point] = summary["summary"]
-    for key in ["test_error_percent", "test_error_percent_precise_bn"]:
+    for key in [ERROR, PRECISE, DROPOUT_ON]:
         errors = np.array([r[key] for r in summary["rows"]])
         assert point[key] == pytest.approx({"mean": errors.mean(), "std": errors.std(ddof=1), "min": errors.min(),
                                             "max": errors.max()}, abs=1e-12)
-    assert "±" in result.output and "precise BN" in result.output and (img / "batch_size_sweep.png").is_file()
+    text = " ".join(result.output.split())
+    assert "±" in text and "dropout on" in text and "dropout off" in text and (img / "batch_size_sweep.png").is_file()
 
     models = {path: path.stat().st_mtime_ns for path in runs.rglob("model.keras")}
     again = CliRunner().invoke(app, command)
@@ -287,9 +317,10 @@ def test_a_small_sweep_through_the_command_has_a_row_per_seed_and_a_rerun_reuses
 
 
 def test_extend_adds_a_variant_and_keeps_the_other_rows_as_they_were(tmp_path):
-    """--extend, as the committed sweep grew by none, batch-renorm and group-ws: the new variant's rows
-    are trained and added, the old rows are kept word for word (their runs may be long gone), and a
-    sweep that measured something else is refused before any run starts."""
+    """--extend, as the committed sweep grew by none and group-ws: the new variant's rows are trained
+    and added, the old rows are kept word for word (their runs may be long gone), and a sweep that
+    measured something else (another budget, seeds, learning rates or recipe: the dropout) is
+    refused before any run starts, naming each difference."""
     runs, img, out = tmp_path / "runs", tmp_path / "img", tmp_path / "sweep.json"
     flags = ["--batch-sizes", "64", "--seeds", "1", *TINY, "--img-dir", str(img)]
     first = CliRunner().invoke(app, ["sweep", "--norm", "batch", *flags, "--runs-dir", str(runs), "--out", str(out)])
@@ -304,9 +335,13 @@ def test_extend_adds_a_variant_and_keeps_the_other_rows_as_they_were(tmp_path):
     assert after["rows"][0] == before["rows"][0] and after["summary"][0] == before["summary"][0]
     assert not (runs / "batch-64" / "batch").exists() and (runs / "batch-64" / "none" / "seed-42" / "model.keras").is_file()
     assert after["rows"][1]["normtf"]["version"]  # each new row names the code that trained it
-    assert after["rows"][1]["test_error_percent_precise_bn"] is None
+    assert after["rows"][1][PRECISE] is None and after["rows"][1][DROPOUT_ON] is None
+    assert after["recipe"] == before["recipe"] == {"dropout": 0.1}
+    assert all(isinstance(after["rows"][0][key], float) for key in [ERROR, PRECISE, DROPOUT_ON])  # batch norm's three
+    assert "dropout 0.1" in " ".join(added.output.split())  # the table's title
 
-    for other, named in [(["--epochs", "2"], "budget"), (["--seeds", "2"], "seeds"), (["--no-scale-lr"], "learning rates")]:
+    for other, named in [(["--epochs", "2"], "budget"), (["--seeds", "2"], "seeds"), (["--no-scale-lr"], "learning rates"),
+                         (["--dropout", "0"], "dropout 0.1 there, 0.0 here"), (["--groups", "1"], "groups 2 there, 1 here")]:
         refused = CliRunner().invoke(app, ["sweep", "--norm", "layer", *flags, *other, "--runs-dir", str(runs),
                                            "--extend", str(out)])
         assert refused.exit_code == 2 and named in refused.output and "Traceback" not in refused.output, refused.output
@@ -314,3 +349,30 @@ def test_extend_adds_a_variant_and_keeps_the_other_rows_as_they_were(tmp_path):
     missing = CliRunner().invoke(app, ["sweep", "--norm", "layer", *flags, "--extend", str(tmp_path / "nothing.json")])
     assert missing.exit_code == 2 and "no such file" in missing.output
 
+
+
+@pytest.mark.slow  # a run trained; the fast tier has the table's (test_the_table_title_...) and --extend's refusal
+def test_a_sweep_without_dropout_records_it_and_has_no_dropout_on_measure(tmp_path):
+    """--dropout 0, as results/sweep-dropout-0.json: the recipe says so, a batch-norm row has its error
+    with precise statistics and none with dropout on (that pass would be the dropout-off one), and
+    the table and the figure say "dropout 0" and show no dropout-on measure. An older file without a
+    recipe is the reference recipe's (dropout 0.1), so --extend refuses to mix the two."""
+    runs, img, out = tmp_path / "runs", tmp_path / "img", tmp_path / "sweep.json"
+    result = CliRunner().invoke(app, ["sweep", "--norm", "batch", "--dropout", "0", "--batch-sizes", "64", "--seeds", "1",
+                                      *TINY, "--runs-dir", str(runs), "--img-dir", str(img), "--out", str(out)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    summary = json.loads(out.read_text())
+    assert summary["recipe"] == {"dropout": 0.0}
+    [row], [point] = summary["rows"], summary["summary"]
+    assert isinstance(row[PRECISE], float) and row[DROPOUT_ON] is None and point[DROPOUT_ON] is None
+    text = " ".join(result.output.split())
+    assert "images, dropout 0, seed 42" in text and "dropout on" not in text and "dropout off" in text
+    assert "dropout 0, tested on 500" in " ".join(sweep_title(summary).split())
+    assert [list(lines) for _, lines, _ in sweep_panels(summary)] == [
+        ["batch"], ["batch: moving averages", "batch: precise, dropout off"]]
+
+    older = {key: value for key, value in summary.items() if key != "recipe"}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    refused = CliRunner().invoke(app, ["sweep", "--norm", "none", "--dropout", "0", "--batch-sizes", "64", "--seeds", "1",
+                                       *TINY, "--runs-dir", str(runs), "--extend", str(tmp_path / "older.json")])
+    assert refused.exit_code == 2 and "dropout 0.1 there, 0.0 here" in " ".join(refused.output.split()), refused.output
