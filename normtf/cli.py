@@ -177,8 +177,9 @@ Force = Annotated[bool, typer.Option("--force", help="Retrain even if a finished
 Tensorboard = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard logs (tensorboard --logdir runs/).")]
 Jobs = Annotated[str, typer.Option(
     metavar="auto|N", help="Runs trained at once, each in its own process with its share of the cores (cores / N "
-                           "threads). auto: one per core (per 'normtf --threads' cores), at most the runs left, the "
-                           "free memory and 4 per GPU allow; 1: one after another in this process.")]
+                           "threads). auto: one per core (per 'normtf --threads' cores; a container's CPU quota counts), "
+                           "at most the runs left, the available memory (1.5 GiB a job; a container's limit counts) and "
+                           "4 per GPU allow; 1: one after another in this process.")]
 Cluster = Annotated[Optional[str], typer.Option(
     metavar="ADDRESS", help="Train the runs as tasks on a Ray cluster (pip install 'normtf[ray]'): its address as "
                             "ray.init takes it (auto on a node of the cluster, ray://host:10001), or local for a "
