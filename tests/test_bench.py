@@ -41,6 +41,7 @@ def test_training_flops_match_the_issue():
     assert bench.flops_per_image(build_model("batch")) == pytest.approx(15.9e6, rel=0.1)
 
 
+@pytest.mark.slow
 def test_normtf_worker_measures_a_positive_throughput():
     result = bench.measure_normtf("batch", steps=3, warmup=1, repeats=1, evals=1)
     assert len(result["images_per_second"]) == 1 and result["images_per_second"][0] > 0
@@ -208,6 +209,7 @@ def test_windows_pause_at_each_boundary_and_count_the_images_between(monkeypatch
     assert windows.rates[0] < 128  # the short batch is counted as 96 images
 
 
+@pytest.mark.slow
 def test_a_failing_worker_reports_its_error_to_the_benchmark():
     from normtf.errors import NormtfError
 

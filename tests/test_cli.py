@@ -80,6 +80,7 @@ def test_data_command_says_where_mnist_is(mnist_dir):
     assert result.exit_code == 0 and str(mnist_dir) in result.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_train_compare_gallery_write_their_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README's commands as typed: runs/ (and its img/) in the current directory
     runs, img = Path("runs"), Path("runs/img")
@@ -226,6 +227,7 @@ def test_a_seed_typed_as_a_count_points_to_seed():
     assert result.exit_code == 2 and "--seed 42" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_gallery_on_a_truncated_model_is_a_clear_error(tmp_path):
     runs = tmp_path / "runs"
     assert run("train", "--norm", "layer-c", *TINY, "--runs-dir", runs).exit_code == 0
@@ -251,6 +253,7 @@ def test_a_run_that_would_replace_a_finished_one_is_refused_before_any_training(
     assert not (runs / "batch").exists()  # refused before batch, the first variant, trained
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_replaced_without_force(tmp_path):
     runs = tmp_path / "runs"
     run("train", "--norm", "batch", *TINY, "--lr", "1e12", "--runs-dir", runs)

@@ -121,6 +121,7 @@ def test_precise_bn_recomputes_batch_norm_statistics_of_a_committed_run(tmp_path
     assert result.exit_code == 1 and "needs the run's config.json" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_precise_bn_through_the_command_on_a_small_run(tmp_path):
     """The test above's command on a run of 512 images (its statistics recomputed over those 512, not
     a committed run's 60,000): the numbers three ways printed (moving averages, precise statistics

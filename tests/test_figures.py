@@ -154,6 +154,7 @@ def test_gallery_title_spacing_does_not_grow_with_the_rows():
     assert largest * figures.DPI < 2**16  # Agg's limit on a side
 
 
+@pytest.mark.slow
 def test_gallery_files_are_named_after_the_variant_and_titles_name_the_seed(tmp_path, monkeypatch):
     titles = {}
     draw = figures.plot_misclassified

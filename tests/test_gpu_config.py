@@ -44,9 +44,9 @@ class Steps(keras.callbacks.Callback):
 
 
 # group: through the command line, below (test_the_documented_command_trains_and_after_sigkill_resumes_...).
-# The study's run in the fast tier; the other variants, each an XLA compilation, in the slow one.
-@pytest.mark.parametrize("norm", [norm if norm == "batch-l1" else pytest.param(norm, marks=pytest.mark.slow)
-                                  for norm in NORMS if norm != "group"])
+# Each variant an XLA compilation: the slow tier.
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", [norm for norm in NORMS if norm != "group"])
 def test_every_variant_trains_and_evaluates_in_the_gpu_configuration(norm, tmp_path, dataset):
     steps = Steps()
     result = train(TrainConfig(norm=norm, epochs=2, **GPU), tmp_path, dataset=dataset, callbacks=[steps])

@@ -79,6 +79,7 @@ def test_bad_jobs_are_one_line_and_exit_2(tmp_path, args, message):
 
 # --- side by side ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_jobs_train_both_runs_with_a_line_each_in_a_log(tmp_path):
     result = normtf("compare", "--norm", "group", "--norm", "batch", *TINY, "--jobs", "2",
                     "--runs-dir", tmp_path / "runs", "--img-dir", tmp_path / "img")

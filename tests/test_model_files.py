@@ -130,20 +130,6 @@ def test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset):
         np.testing.assert_array_equal(mine.predict(images, verbose=0), reference.predict(images, verbose=0))
 
 
-def test_the_studys_variant_trained_a_step_loads_anywhere_and_back_bit_for_bit(dataset, tmp_path):
-    """The fast tier's test of this file's contracts, which the slow tier checks on every variant:
-    batch-l1 (the study's run, with batch norm's moving statistics) trained one step, as `normtf
-    train` writes it, loads without normtf and predicts the same, names Keras's classes, and loads
-    back in normtf as the model training built."""
-    config = TrainConfig(norm="batch-l1", epochs=1, train_size=64, test_size=100, batch_size=64, lr=0.05)
-    result = train(config, tmp_path / "runs", dataset=dataset)
-    assert result.metrics["status"] == "finished"
-    trained = {"batch-l1": result.run.model}
-    test_every_variant_loads_without_normtf_and_predicts_what_normtf_does(trained, dataset, tmp_path)
-    test_saved_files_name_keras_classes_and_normtf_loads_its_own(trained)
-    test_loading_back_as_normtf_layers_predicts_bit_for_bit(trained, dataset)
-
-
 # One variant of each norm class in the fast tier; batch-l1 and layer-c (the same classes) in the slow one.
 @pytest.mark.parametrize("norm", [pytest.param(norm, marks=pytest.mark.slow) if norm in ("batch-l1", "layer-c") else norm
                                   for norm in NORMS])

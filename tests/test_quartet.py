@@ -59,6 +59,7 @@ def test_instance_norm_before_global_pooling_makes_the_output_the_same_for_every
 
 # batch-renorm here, in a few steps; group-ws trains two epochs in that configuration in the slow tier
 # (test_gpu_config.py), as every other variant does.
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["batch-renorm"])
 def test_the_new_layers_train_under_xla_and_mixed_precision(norm, test_batch, dataset):
     keras.mixed_precision.set_global_policy("mixed_float16")

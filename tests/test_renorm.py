@@ -118,6 +118,7 @@ def test_the_step_counter_is_in_the_checkpoint_weights(tmp_path, test_batch):
     assert [int(layer.step.numpy()) for layer in norm_layers(again)] == [3] * 6
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_schedule_where_it_stopped(dataset, tmp_path):
     """Interrupted in epoch 2 of 3 (8 steps an epoch), the run resumes from epoch 1's checkpoint:
     every layer's counter is 8 when training starts again and 24 at the end."""

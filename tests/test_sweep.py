@@ -316,6 +316,7 @@ def test_a_small_sweep_through_the_command_has_a_row_per_seed_and_a_rerun_reuses
     assert json.loads(out.read_text()) == summary
 
 
+@pytest.mark.slow
 def test_extend_adds_a_variant_and_keeps_the_other_rows_as_they_were(tmp_path):
     """--extend, as the committed sweep grew by none and group-ws: the new variant's rows are trained
     and added, the old rows are kept word for word (their runs may be long gone), and a sweep that

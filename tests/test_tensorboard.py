@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TINY = ["--norm", "layer-c", "--epochs", "2", "--train-size", "256", "--test-size", "100"]
 
 
@@ -22,6 +24,7 @@ def scalars(directory: Path) -> dict[str, dict[int, float]]:
     return found
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_hold_every_epochs_train_and_test_scalars(tmp_path):
     out = subprocess.run(["normtf", "train", *TINY, "--tensorboard", "--runs-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)

@@ -261,6 +261,7 @@ def _files(directory):
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_force_keeps_a_finished_run_until_the_new_one_has_an_epoch(dataset, tmp_path):
     config = TrainConfig(norm="batch", **TINY)
     finished = train(config, tmp_path, dataset=dataset).run
@@ -284,6 +285,7 @@ def test_force_keeps_a_finished_run_until_the_new_one_has_an_epoch(dataset, tmp_
     assert not finished.replaced_dir.exists()
 
 
+@pytest.mark.slow
 def test_reusing_finished_runs_leaves_no_lock_files(dataset, tmp_path):
     config = TrainConfig(norm="group", **TINY)
     study.compare(["group"], config, tmp_path, seeds=[1, 2])

@@ -299,6 +299,7 @@ def test_the_same_tune_again_trains_nothing(tuned, tmp_path):
     assert trials_of(runs / "tune.db", "group") == before
 
 
+@pytest.mark.slow
 def test_recipe_best_trains_a_variant_with_its_best_trials_recipe(tuned, tmp_path):
     recipe_best(["train", "--norm", "batch-l1"], tuned[0], tmp_path)
 
