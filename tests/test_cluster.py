@@ -32,7 +32,7 @@ from processes import default_handling, end_session, kill_descendant  # noqa: E4
 RAY = str(Path(sys.executable).parent / "ray")
 TINY = ["--epochs", "1", "--train-size", "512", "--test-size", "200", "--deterministic"]
 # Two epochs of 1,500 images: time to stop a run inside epoch 2.
-LONGER = ["--epochs", "2", "--train-size", "1500", "--test-size", "200", "--deterministic"]
+LONGER = ["--epochs", "2", "--train-size", "6000", "--test-size", "200", "--deterministic"]
 CLIENT = {}  # the head's Ray Client address, ray://127.0.0.1:<port>, and its logs directory
 HEAD = {}  # the head's `ray start --block` process (the Ray workers and their jobs descend from it)
 # and its workers' temp dir (TMPDIR), where their tasks' scratch directories go

@@ -62,7 +62,7 @@ def test_commands_without_output_flags_leave_the_committed_study_alone(clone, mo
     result = run("sweep", "--norm", "group", "--batch-sizes", "64", "--seeds", "1", *TINY)
     assert result.exit_code == 0, result.output
     assert "wrote runs/sweep/sweep.json and runs/sweep/img/batch_size_sweep.png" in " ".join(result.output.split())
-    assert ": 1 epoch of 512 images," in titles[0]  # not "1 epochs"
+    assert ": 1 epoch of 512 images (8 steps at batch 64)," in titles[0]  # not "1 epochs"
 
     result = run("bench", "--quick", "--no-reference", "--norm", "group", "--repeats", "1", "--steps", "2",
                  "--no-epoch")
