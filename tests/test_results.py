@@ -13,6 +13,7 @@ from normtf import data
 from normtf.config import TrainConfig, recipe
 from normtf.evaluation import evaluate_file
 from normtf.norms import NORMS, relevant
+from normtf.precise_bn import ERROR as MOVING, PRECISE as OFF, PRECISE_DROPOUT_ON as ON
 from normtf.runs import RunDir, dataset_dir
 
 ROOT = Path(__file__).parent.parent
@@ -21,7 +22,6 @@ RUNS = sorted(p.name for p in REFERENCE.iterdir() if p.name in NORMS) if REFEREN
 SEED = "seed-42"  # the reproduction table's runs; more seeds sit beside them
 
 
-MOVING, ON, OFF = "test_error_percent", "test_error_percent_precise_bn_dropout_on", "test_error_percent_precise_bn"
 
 def readme_rows():
     """{variant: cells} of the seed-42 results table's normtf rows (docs/results.md)."""
@@ -283,8 +283,8 @@ def sweep_tables() -> list[tuple[list[str], dict[str, list[str]]]]:
 def sweep_column(header: str) -> str:
     """The sweep field a column of docs/results.md's sweep tables shows, from its words."""
     if "dropout on" in header:
-        return "test_error_percent_precise_bn_dropout_on"
-    return "test_error_percent_precise_bn" if "precise" in header else "test_error_percent"
+        return ON
+    return OFF if "precise" in header else MOVING
 
 
 def test_the_sweep_tables_are_the_committed_sweep():
@@ -319,7 +319,7 @@ def test_the_sweep_tables_are_the_committed_sweep():
         assert found == expected
     for which, sweep in sweeps.items():
         measured = {(which, p["norm"], key) for p in sweep["summary"] for key in
-                    ("test_error_percent", "test_error_percent_precise_bn", "test_error_percent_precise_bn_dropout_on")
+                    (MOVING, OFF, ON)
                     if p.get(key) is not None}
         assert shown >= measured and {n for w, n, _ in shown if w == which} == {p["norm"] for p in sweep["summary"]}
 
